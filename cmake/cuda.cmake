@@ -1,0 +1,54 @@
+# LOTTERY_EXT_CUDA = AUTO (default) | ON | OFF, from -D or from the environment at pip time:
+#   LOTTERY_EXT_CUDA=ON pip install .
+# AUTO builds the CUDA sources when a CUDA compiler is found; ON fails without one.
+set(_cuda_default AUTO)
+if(DEFINED ENV{LOTTERY_EXT_CUDA})
+  set(_cuda_default $ENV{LOTTERY_EXT_CUDA})
+endif()
+set(LOTTERY_EXT_CUDA ${_cuda_default} CACHE STRING "Build CUDA kernels: AUTO, ON or OFF")
+set_property(CACHE LOTTERY_EXT_CUDA PROPERTY STRINGS AUTO ON OFF)
+string(TOUPPER "${LOTTERY_EXT_CUDA}" LOTTERY_EXT_CUDA)
+if(NOT LOTTERY_EXT_CUDA MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "LOTTERY_EXT_CUDA must be AUTO, ON or OFF, not '${LOTTERY_EXT_CUDA}'")
+endif()
+
+# Explicit architectures, never "native" (the build machine may have no GPU): Ampere, Ada,
+# Hopper as SASS, plus sm_90 PTX for newer GPUs to JIT. Override with LOTTERY_EXT_CUDA_ARCHS
+# (environment) or -DCMAKE_CUDA_ARCHITECTURES=...
+set(_archs "80-real;86-real;89-real;90")
+if(DEFINED ENV{LOTTERY_EXT_CUDA_ARCHS})
+  set(_archs "$ENV{LOTTERY_EXT_CUDA_ARCHS}")
+endif()
+if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+  set(CMAKE_CUDA_ARCHITECTURES "${_archs}")
+endif()
+
+set(LOTTERY_EXT_WITH_CUDA OFF)
+if(NOT LOTTERY_EXT_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    enable_language(CUDA)
+    set(LOTTERY_EXT_WITH_CUDA ON)
+    message(STATUS "lottery_ext: CUDA kernels ON (${CMAKE_CUDA_COMPILER}, archs ${CMAKE_CUDA_ARCHITECTURES})")
+  elseif(LOTTERY_EXT_CUDA STREQUAL "ON")
+    message(FATAL_ERROR
+      "LOTTERY_EXT_CUDA=ON but no CUDA compiler was found. Put nvcc on PATH or set CUDACXX=/path/to/nvcc, "
+      "or build without CUDA: LOTTERY_EXT_CUDA=OFF pip install .")
+  else()
+    message(STATUS "lottery_ext: no CUDA compiler found, building CPU kernels only")
+  endif()
+endif()
+
+function(lottery_add_cuda target)
+  if(NOT LOTTERY_EXT_WITH_CUDA)
+    return()
+  endif()
+  target_sources(${target} PRIVATE ${PROJECT_SOURCE_DIR}/csrc/cuda/info.cu)
+  target_compile_definitions(${target} PRIVATE LOTTERY_EXT_WITH_CUDA)
+  set(cuda_flags -O3 --Werror=all-warnings -Xcompiler=-Wall)
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${cuda_flags}>)
+  # Static cudart: the module needs no libcudart.so and does not depend on torch's CUDA build.
+  set_target_properties(${target} PROPERTIES CUDA_RUNTIME_LIBRARY Static
+                                             CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
+endfunction()

@@ -1,0 +1,40 @@
+# Release by default: the kernels are only worth having at -O3.
+if(NOT CMAKE_BUILD_TYPE AND NOT CMAKE_CONFIGURATION_TYPES)
+  set(CMAKE_BUILD_TYPE Release CACHE STRING "Build type" FORCE)
+endif()
+
+# -march=native: the package is compiled on the machine that runs it (pip install .), and
+# AVX2/AVX-512 lets the masked Adam loop keep up with memory. Turn off for portable wheels.
+set(_native_default ON)
+if(DEFINED ENV{LOTTERY_EXT_NATIVE_ARCH})
+  set(_native_default $ENV{LOTTERY_EXT_NATIVE_ARCH})
+endif()
+option(LOTTERY_EXT_NATIVE_ARCH "Compile CPU kernels with -march=native" ${_native_default})
+option(LOTTERY_EXT_VEC_REPORT "Print the compiler's vectorisation report for csrc/cpu" OFF)
+set(_werror_default OFF)
+if(DEFINED ENV{LOTTERY_EXT_WERROR})
+  set(_werror_default $ENV{LOTTERY_EXT_WERROR})
+endif()
+option(LOTTERY_EXT_WERROR "Treat warnings in csrc/ as errors (CI sets it)" ${_werror_default})
+
+include(CheckCXXCompilerFlag)
+
+function(lottery_cpu_flags target)
+  set(flags -O3 -fno-math-errno -ffp-contract=off -Wall -Wextra)
+  if(LOTTERY_EXT_WERROR)
+    list(APPEND flags -Werror)
+  endif()
+  if(LOTTERY_EXT_NATIVE_ARCH)
+    check_cxx_compiler_flag(-march=native LOTTERY_HAS_MARCH_NATIVE)
+    if(LOTTERY_HAS_MARCH_NATIVE)
+      list(APPEND flags -march=native -mprefer-vector-width=512)
+    endif()
+  endif()
+  if(LOTTERY_EXT_VEC_REPORT)
+    list(APPEND flags -fopt-info-vec-optimized)
+  endif()
+  # -O3 only for the C++ sources: nvcc gets its own flags in cuda.cmake.
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${flags}>)
+  string(REPLACE ";" " " flags_str "${flags}")
+  set(LOTTERY_EXT_CPU_FLAGS "${flags_str}" PARENT_SCOPE)
+endfunction()

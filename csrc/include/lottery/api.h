@@ -1,0 +1,53 @@
+// The compiled core's C++ entry points, called only from csrc/bindings.cpp.
+// Everything is raw pointers + element counts + a dtype code: no torch types. Inputs are
+// validated in Python (python/lottery_ext/_validate.py) before they get here.
+//
+// Multi-tensor calls: arrays of n pointers, one entry per tensor. A null mask pointer means
+// "unmasked"; masks are 1 byte per element (torch.bool), nonzero = keep.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "lottery/macros.h"
+
+namespace lottery {
+
+struct SgdArgs {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+struct AdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled;
+};
+
+namespace cpu {
+
+// bufs may be null when momentum == 0. first[i] != 0: tensor i has no momentum history.
+void sgd_step(DType dtype, size_t n, void* const* params, const void* const* grads,
+              void* const* bufs, const uint8_t* const* masks, const int64_t* numels,
+              const uint8_t* first, const SgdArgs& args, int threads);
+
+// steps[i]: tensor i's float32 step counter; incremented here, then used for bias correction.
+// max_exp_avg_sqs is null unless args.amsgrad.
+void adam_step(DType dtype, size_t n, void* const* params, const void* const* grads,
+               void* const* exp_avgs, void* const* exp_avg_sqs, void* const* max_exp_avg_sqs,
+               const uint8_t* const* masks, const int64_t* numels, float* const* steps,
+               const AdamArgs& args, int threads);
+
+// tensors[i][j] = 0 where masks[i][j] == 0.
+void apply_mask(DType dtype, size_t n, void* const* tensors, const uint8_t* const* masks,
+                const int64_t* numels, int threads);
+
+}  // namespace cpu
+
+#ifdef LOTTERY_EXT_WITH_CUDA
+namespace cuda {
+int runtime_version();  // CUDART_VERSION the kernels were compiled against
+int device_count();     // 0 when no usable driver/device
+}  // namespace cuda
+#endif
+
+}  // namespace lottery

@@ -1,0 +1,273 @@
+"""The ops: validated entry points, the launch onto the compiled core (or the reference),
+and their ``torch.library`` registrations (``torch.ops.lottery_ext.*``) with fake kernels so
+they compose with ``torch.compile``.
+
+Each op exists as:
+- ``<op>(...)``: public, validates (``_validate``) then launches;
+- ``_launch_<op>(...)``: no checks, for callers that validated already (the optimizers);
+- ``torch.ops.lottery_ext.<op>``: the custom op, whose kernel is ``<op>(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from . import _native, _reference, _validate
+
+Tensor = torch.Tensor
+_force_reference = False
+
+
+@contextlib.contextmanager
+def reference_backend() -> Iterator[None]:
+    """Run every op on the pure-PyTorch reference inside this block (tests, debugging)."""
+    global _force_reference
+    old, _force_reference = _force_reference, True
+    try:
+        yield
+    finally:
+        _force_reference = old
+
+
+def uses_native(device: torch.device) -> bool:
+    """Whether ops on `device` run on compiled kernels (else on ``_reference``)."""
+    return _native.core is not None and not _force_reference and device.type == "cpu"
+
+
+def _ptrs(tensors: Sequence[Tensor | None]) -> list[int]:
+    return [0 if t is None else t.data_ptr() for t in tensors]
+
+
+def _numels(tensors: Sequence[Tensor]) -> list[int]:
+    return [t.numel() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# launches (no checks)
+
+
+def _launch_sgd_step(
+    params, grads, momentum_buffers, masks, first, lr, momentum, dampening, weight_decay,
+    nesterov, maximize,
+) -> None:  # fmt: skip
+    if not params:
+        return
+    if uses_native(params[0].device):
+        _native.core.sgd_step(
+            _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads),
+            _ptrs(momentum_buffers) if momentum != 0 else [0] * len(params), _ptrs(masks),
+            _numels(params), [bool(f) for f in first], lr, momentum, dampening, weight_decay,
+            nesterov, maximize, torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        _reference.sgd_step_(
+            params, grads, momentum_buffers, masks, first, lr=lr, momentum=momentum,
+            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+        )  # fmt: skip
+
+
+def _launch_adam_step(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
+    weight_decay, amsgrad, maximize, decoupled,
+) -> None:  # fmt: skip
+    if not params:
+        return
+    if uses_native(params[0].device):
+        _native.core.adam_step(
+            _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads), _ptrs(exp_avgs),
+            _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs) if amsgrad else [], _ptrs(masks),
+            _numels(params), _ptrs(steps), lr, beta1, beta2, eps, weight_decay, amsgrad,
+            maximize, decoupled, torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        _reference.adam_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, decoupled=decoupled,
+        )  # fmt: skip
+
+
+def _launch_apply_mask(tensors, masks) -> None:
+    if not tensors:
+        return
+    if uses_native(tensors[0].device):
+        _native.core.apply_mask(
+            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
+            _numels(tensors), torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        _reference.apply_mask_(tensors, masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# validated entry points
+
+
+def _check_group(kind: str, params: Sequence[Tensor], grads, states, masks) -> None:
+    """One call's tensors: per-tensor checks plus one device and one dtype for the call."""
+    for i, p in enumerate(params):
+        _validate.step_inputs(
+            f"params[{i}]", p, grads[i], tuple((k, s[i]) for k, s in states.items()), masks[i]
+        )
+        if p.device != params[0].device or p.dtype != params[0].dtype:
+            raise ValueError(
+                f"{kind}: params[{i}] is {p.dtype} on {p.device} but params[0] is "
+                f"{params[0].dtype} on {params[0].device}; one call takes one device and dtype"
+            )
+
+
+def sgd_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    first: Sequence[bool],
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> None:
+    """Fused masked SGD update of a list of tensors, in place (see ``MaskedSGD``)."""
+    _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    if momentum != 0:
+        _validate.same_length(
+            params=params, grads=grads, momentum_buffers=momentum_buffers, masks=masks, first=first
+        )
+        states = {"momentum_buffer": momentum_buffers}
+    else:
+        _validate.same_length(params=params, grads=grads, masks=masks, first=first)
+        states = {}
+    _check_group("sgd_step", params, grads, states, masks)
+    with torch.no_grad():
+        _launch_sgd_step(
+            params, grads, momentum_buffers, masks, first, lr, momentum, dampening,
+            weight_decay, nesterov, maximize,
+        )  # fmt: skip
+
+
+def adam_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    steps: Sequence[Tensor],
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled: bool = False,
+) -> None:
+    """Fused masked Adam/AdamW update of a list of tensors, in place (see ``MaskedAdam``).
+    ``steps`` are one-element float32 CPU tensors, incremented by the op."""
+    _validate.finite(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    states = {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+        states["max_exp_avg_sq"] = max_exp_avg_sqs
+    _validate.same_length(**lists, masks=masks, steps=steps)
+    _validate.steps(list(steps))
+    _check_group("adam_step", params, grads, states, masks)
+    with torch.no_grad():
+        _launch_adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1,
+            beta2, eps, weight_decay, amsgrad, maximize, decoupled,
+        )  # fmt: skip
+
+
+def apply_mask(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """Zero, in place, the entries of each tensor where its mask is False."""
+    _validate.same_length(tensors=tensors, masks=masks)
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        name = f"tensors[{i}]"
+        _validate.param(t, name)
+        _validate.mask(m, t, name)
+        if t.numel() > 1 and m.stride() != t.stride():
+            raise ValueError(f"mask for {name}: memory layout differs from the tensor's")
+        if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
+            raise ValueError("apply_mask: one call takes one device and dtype")
+    with torch.no_grad():
+        _launch_apply_mask(tensors, masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registrations: torch.ops.lottery_ext.*
+
+
+@torch.library.custom_op("lottery_ext::sgd_step_", mutates_args=("params", "momentum_buffers"))
+def _sgd_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    masks: list[Tensor | None],
+    first: list[bool],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    sgd_step(
+        params, grads, momentum_buffers, masks, first, lr, momentum, dampening, weight_decay,
+        nesterov, maximize,
+    )  # fmt: skip
+
+
+@_sgd_step_op.register_fake
+def _(params, grads, momentum_buffers, masks, first, lr, momentum, dampening, weight_decay,
+      nesterov, maximize) -> None:  # fmt: skip
+    return None
+
+
+@torch.library.custom_op(
+    "lottery_ext::adam_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+)
+def _adam_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    masks: list[Tensor | None],
+    steps: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+) -> None:
+    adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1, beta2,
+        eps, weight_decay, amsgrad, maximize, decoupled,
+    )  # fmt: skip
+
+
+@_adam_step_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1, beta2,
+      eps, weight_decay, amsgrad, maximize, decoupled) -> None:  # fmt: skip
+    return None
+
+
+@torch.library.custom_op("lottery_ext::apply_mask_", mutates_args=("tensors",))
+def _apply_mask_op(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    apply_mask(tensors, masks)
+
+
+@_apply_mask_op.register_fake
+def _(tensors, masks) -> None:
+    return None

@@ -1,0 +1,93 @@
+"""MaskedSGD: torch.optim.SGD with pruning masks, one fused native pass per tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from .. import _ops, _validate
+from ._masked import MaskedOptimizer, check_constructor
+
+Tensor = torch.Tensor
+
+
+class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
+    """Drop-in for ``torch.optim.SGD`` (same signature, defaults and checks) plus ``masks``.
+
+    After every ``step()`` the pruned entries (mask False) of each masked parameter and of its
+    ``momentum_buffer`` are exactly 0; surviving entries follow torch.optim.SGD with the
+    pruned gradient entries ignored. Bytes moved per float32 element and step: 21 with
+    momentum (read p, g, buf, mask; write p, buf), 13 without.
+    """
+
+    _state_buffers = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict] | Iterable[tuple[str, Tensor]],
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        masks: Mapping[Tensor | str, Tensor] | None = None,
+    ) -> None:
+        check_constructor(type(self).__name__, lr, False, differentiable)
+        _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused,
+        )  # fmt: skip
+        self._step_supports_amp_scaling = False  # the fused step here takes no grad scaler
+        self._init_masks(masks)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            dampening, wd = group["dampening"], group["weight_decay"]
+            _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd)
+            calls: dict[tuple, tuple[list, ...]] = {}
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                state = self.state[p]
+                buf = state.get("momentum_buffer") if momentum != 0 else None
+                first = buf is None
+                if momentum != 0 and first:
+                    buf = state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                self._checked(p, g, (("momentum_buffer", buf),) if buf is not None else ())
+                lists = calls.get((p.device, p.dtype))
+                if lists is None:
+                    lists = calls[(p.device, p.dtype)] = ([], [], [], [], [])
+                lists[0].append(p)
+                lists[1].append(g)
+                lists[2].append(buf)
+                lists[3].append(self._masks.get(p))
+                lists[4].append(first)
+            for params, grads, bufs, masks, first in calls.values():
+                if torch.compiler.is_compiling():
+                    torch.ops.lottery_ext.sgd_step_(
+                        params, grads, bufs if momentum != 0 else [], masks, first, lr,
+                        momentum, dampening, wd, group["nesterov"], group["maximize"],
+                    )  # fmt: skip
+                else:
+                    _ops._launch_sgd_step(
+                        params, grads, bufs, masks, first, lr, momentum, dampening, wd,
+                        group["nesterov"], group["maximize"],
+                    )  # fmt: skip
+        return loss
