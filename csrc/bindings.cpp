@@ -74,6 +74,51 @@ void apply_mask(int dtype, const Ptrs& tensors, const Ptrs& masks,
   lottery::cpu::apply_mask(lottery::DType(dtype), n, t.data(), m.data(), numels.data(), threads);
 }
 
+// Returns the NaN count among the candidates; adds digit counts into `hist` (int64, 2^bits).
+int64_t magnitude_histogram(int dtype, const Ptrs& tensors, const Ptrs& masks,
+                            const std::vector<int64_t>& numels, int shift, int bits,
+                            uint64_t prefix, uint64_t prefix_mask, uintptr_t hist, int threads) {
+  const size_t n = tensors.size();
+  same_length(n, {masks.size(), numels.size()});
+  auto t = as<const void*>(tensors);
+  auto m = as<const uint8_t*>(masks);
+  const lottery::DigitPass pass{shift, bits, prefix, prefix_mask};
+  int64_t nans = 0;
+  py::gil_scoped_release nogil;
+  lottery::cpu::magnitude_histogram(lottery::DType(dtype), n, t.data(), m.data(), numels.data(),
+                                    pass, reinterpret_cast<int64_t*>(hist), &nans, threads);
+  return nans;
+}
+
+void threshold_mask(int dtype, const Ptrs& tensors, const Ptrs& old_masks, const Ptrs& out_masks,
+                    const std::vector<int64_t>& numels, uint64_t t_key, int64_t ties_to_prune,
+                    int threads) {
+  const size_t n = tensors.size();
+  same_length(n, {old_masks.size(), out_masks.size(), numels.size()});
+  auto t = as<const void*>(tensors);
+  auto old = as<const uint8_t*>(old_masks);
+  auto out = as<uint8_t*>(out_masks);
+  py::gil_scoped_release nogil;
+  lottery::cpu::threshold_mask(lottery::DType(dtype), n, t.data(), old.data(), out.data(),
+                               numels.data(), t_key, ties_to_prune, threads);
+}
+
+// states: n * states_per_tensor pointers (0 = absent), tensor-major.
+void rewind_tensors(int dtype, const Ptrs& params, const Ptrs& snapshots, const Ptrs& masks,
+                    const Ptrs& states, size_t states_per_tensor,
+                    const std::vector<int64_t>& numels, int threads) {
+  const size_t n = params.size();
+  same_length(n, {snapshots.size(), masks.size(), numels.size()});
+  if (states.size() != n * states_per_tensor)
+    throw std::invalid_argument("lottery_ext._core: states list has the wrong length");
+  auto p = as<void*>(params), st = as<void*>(states);
+  auto s = as<const void*>(snapshots);
+  auto m = as<const uint8_t*>(masks);
+  py::gil_scoped_release nogil;
+  lottery::cpu::rewind(lottery::DType(dtype), n, p.data(), s.data(), m.data(), st.data(),
+                       states_per_tensor, numels.data(), threads);
+}
+
 py::dict build_config() {
   py::dict d;
 #if defined(__clang__)
@@ -103,6 +148,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("sgd_step", &sgd_step);
   m.def("adam_step", &adam_step);
   m.def("apply_mask", &apply_mask);
+  m.def("magnitude_histogram", &magnitude_histogram);
+  m.def("threshold_mask", &threshold_mask);
+  m.def("rewind", &rewind_tensors);
   m.def("build_config", &build_config);
 #ifdef LOTTERY_EXT_WITH_CUDA
   m.def("cuda_device_count", &lottery::cuda::device_count);

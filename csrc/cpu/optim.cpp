@@ -12,7 +12,7 @@ namespace lottery::cpu {
 namespace {
 
 template <typename T, bool HAS_MASK, bool HAS_BUF>
-void sgd_range(const SgdMath<OpMath<T>>& f, T* __restrict p, const T* __restrict g,
+void sgd_range(const SgdMath<OpMath<T>> f, T* __restrict p, const T* __restrict g,
                T* __restrict buf, const uint8_t* __restrict mask, bool first, int64_t b,
                int64_t e) {
   using Op = OpMath<T>;
@@ -26,7 +26,7 @@ void sgd_range(const SgdMath<OpMath<T>>& f, T* __restrict p, const T* __restrict
 }
 
 template <typename T, bool AMSGRAD, bool HAS_MASK>
-void adam_range(const AdamMath<OpMath<T>>& f, T* __restrict p, const T* __restrict g,
+void adam_range(const AdamMath<OpMath<T>> f, T* __restrict p, const T* __restrict g,
                 T* __restrict m, T* __restrict v, T* __restrict vmax,
                 const uint8_t* __restrict mask, int64_t b, int64_t e) {
   using Op = OpMath<T>;
@@ -55,7 +55,7 @@ void sgd_step(DType dtype, size_t n, void* const* params, const void* const* gra
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = OpMath<T>;
-    const SgdMath<Op> f{Op(a.lr),           Op(a.momentum), Op(a.dampening),
+    const SgdMath<Op> f{Op(a.lr),           Op(a.momentum), Op(1.0 - a.dampening),
                         Op(a.weight_decay), a.nesterov,     a.maximize};
     const bool has_buf = a.momentum != 0.0;
     for_each_range(n, numels, threads, [&](size_t t, int64_t b, int64_t e) {

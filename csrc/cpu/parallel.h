@@ -39,29 +39,47 @@ void parallel_run(int nthreads, F&& fn) {
   fn(0, 1);
 }
 
-// Splits the concatenation of `n` tensors (numels[i] elements each) into one contiguous
-// range per thread and calls f(tensor_index, begin, end) for every piece, so large and small
-// tensors balance across threads. Range edges are multiples of 64 elements (no false sharing).
+// The concatenation of `n` tensors (numels[i] elements each) is cut into `parts` contiguous
+// ranges of equal size (edges on multiples of 64 elements: no false sharing), so large and
+// small tensors balance across threads. The cut depends only on `parts`, never on how many
+// threads the runtime grants, so per-part results (histograms, tie counts) are deterministic.
+inline int plan_parts(size_t n, const int64_t* numels, int max_threads) {
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += numels[i];
+  return threads_for(total, max_threads);
+}
+
+// Calls f(part, tensor_index, begin, end) for every piece of every part, parts spread over up
+// to `parts` threads; within a part, pieces come in flat order.
 template <class F>
-void for_each_range(size_t n, const int64_t* numels, int max_threads, F&& f) {
+void for_each_part(size_t n, const int64_t* numels, int parts, F&& f) {
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) total += numels[i];
   if (total == 0) return;
-  parallel_run(threads_for(total, max_threads), [&](int tid, int team) {
-    const int64_t chunk = ((total + team - 1) / team + 63) / 64 * 64;
-    int64_t lo = int64_t(tid) * chunk;
-    const int64_t hi = lo + chunk < total ? lo + chunk : total;
-    int64_t offset = 0;  // start of tensor i in the concatenation
-    for (size_t i = 0; i < n && lo < hi; ++i) {
-      const int64_t end = offset + numels[i];
-      if (lo < end) {
-        const int64_t stop = hi < end ? hi : end;
-        f(i, lo - offset, stop - offset);
-        lo = stop;
+  const int64_t chunk = ((total + parts - 1) / parts + 63) / 64 * 64;
+  parallel_run(parts, [&](int tid, int team) {
+    for (int part = tid; part < parts; part += team) {
+      int64_t lo = int64_t(part) * chunk;
+      const int64_t hi = lo + chunk < total ? lo + chunk : total;
+      int64_t offset = 0;  // start of tensor i in the concatenation
+      for (size_t i = 0; i < n && lo < hi; ++i) {
+        const int64_t end = offset + numels[i];
+        if (lo < end) {
+          const int64_t stop = hi < end ? hi : end;
+          f(part, i, lo - offset, stop - offset);
+          lo = stop;
+        }
+        offset = end;
       }
-      offset = end;
     }
   });
+}
+
+// for_each_part when the caller needs no per-part state: f(tensor_index, begin, end).
+template <class F>
+void for_each_range(size_t n, const int64_t* numels, int max_threads, F&& f) {
+  for_each_part(n, numels, plan_parts(n, numels, max_threads),
+                [&](int, size_t t, int64_t b, int64_t e) { f(t, b, e); });
 }
 
 }  // namespace lottery::cpu

@@ -192,8 +192,7 @@ def apply_mask(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         name = f"tensors[{i}]"
         _validate.param(t, name)
         _validate.mask(m, t, name)
-        if t.numel() > 1 and m.stride() != t.stride():
-            raise ValueError(f"mask for {name}: memory layout differs from the tensor's")
+        _validate.like_layout(m, t, f"mask for {name}")
         if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
             raise ValueError("apply_mask: one call takes one device and dtype")
     with torch.no_grad():

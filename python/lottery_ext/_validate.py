@@ -36,6 +36,11 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same element order in memory (strides of size-1 dimensions do not matter)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 def dtype_code(t: torch.Tensor, name: str) -> int:
     code = DTYPE_CODES.get(t.dtype)
     if code is None:
@@ -83,11 +88,7 @@ def like(t: torch.Tensor | None, p: torch.Tensor, what: str, name: str) -> None:
             f"{what} of {name}: shape {tuple(t.shape)} does not match the parameter's "
             f"{tuple(p.shape)}"
         )
-    if p.numel() > 1 and t.stride() != p.stride():
-        raise ValueError(
-            f"{what} of {name}: memory layout (strides {t.stride()}) differs from the "
-            f"parameter's (strides {p.stride()})"
-        )
+    like_layout(t, p, f"{what} of {name}")
 
 
 def mask(m: object, p: torch.Tensor, name: str) -> None:
@@ -135,12 +136,16 @@ def step_inputs(
         like(s, p, f"optimizer state '{what}'", name)
     if m is not None:
         mask(m, p, name)
-        if p.numel() > 1 and m.stride() != p.stride():
-            raise ValueError(
-                f"mask for {name}: memory layout (strides {m.stride()}) differs from the "
-                f"parameter's (strides {p.stride()})"
-            )
+        like_layout(m, p, f"mask for {name}")
     return code
+
+
+def like_layout(t: torch.Tensor, p: torch.Tensor, what: str) -> None:
+    if not same_layout(t, p):
+        raise ValueError(
+            f"{what}: memory layout (strides {t.stride()}) differs from the tensor's "
+            f"(strides {p.stride()})"
+        )
 
 
 def fast_ok(p: torch.Tensor, g: torch.Tensor) -> bool:

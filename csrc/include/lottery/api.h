@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "lottery/macros.h"
+#include "lottery/select.h"
 
 namespace lottery {
 
@@ -40,6 +41,25 @@ void adam_step(DType dtype, size_t n, void* const* params, const void* const* gr
 // tensors[i][j] = 0 where masks[i][j] == 0.
 void apply_mask(DType dtype, size_t n, void* const* tensors, const uint8_t* const* masks,
                 const int64_t* numels, int threads);
+
+// Adds to hist[0 .. 2^pass.bits) the digit counts of the candidate magnitudes (mask true or
+// no mask) that match the pass's prefix; adds the number of NaN candidates to *nan_count.
+void magnitude_histogram(DType dtype, size_t n, const void* const* tensors,
+                         const uint8_t* const* masks, const int64_t* numels, const DigitPass& pass,
+                         int64_t* hist, int64_t* nan_count, int threads);
+
+// out_masks[i] = candidate && (key > t_key, or key == t_key and not among the first
+// ties_to_prune ties in flat order over the list). out may alias old_masks.
+void threshold_mask(DType dtype, size_t n, const void* const* tensors,
+                    const uint8_t* const* old_masks, uint8_t* const* out_masks,
+                    const int64_t* numels, uint64_t t_key, int64_t ties_to_prune, int threads);
+
+// params[i] = snapshots[i] where masks[i] (or everywhere without a mask), else 0; and the
+// states_per_tensor buffers of tensor i (states[i * states_per_tensor + k], null = absent)
+// zeroed, in the same pass over the tensor's elements.
+void rewind(DType dtype, size_t n, void* const* params, const void* const* snapshots,
+            const uint8_t* const* masks, void* const* states, size_t states_per_tensor,
+            const int64_t* numels, int threads);
 
 }  // namespace cpu
 

@@ -28,18 +28,21 @@ LOTTERY_HD LOTTERY_INLINE Op lerp(Op self, Op end, Op weight) {
 // torch.optim.SGD: weight decay, momentum with dampening, optional Nesterov.
 template <typename Op>
 struct SgdMath {
-  Op lr, momentum, dampening, weight_decay;
+  Op lr, momentum;
+  Op one_minus_dampening;  // computed in double on the host, as torch does in Python
+  Op weight_decay;
   bool nesterov, maximize;
 
   // `first`: this tensor has no momentum history yet (torch clones the gradient into buf).
+  // Ternaries, not ifs, on the loop-invariant flags: the compiler turns them into blends and
+  // the loop stays vectorised.
   LOTTERY_HD LOTTERY_INLINE void operator()(Op& p, Op g, Op& buf, bool first, bool keep) const {
-    if (maximize) g = -g;
-    if (weight_decay != Op(0)) g = g + weight_decay * p;
-    if (momentum != Op(0)) {
-      buf = first ? g : buf * momentum + (Op(1) - dampening) * g;
-      g = nesterov ? g + momentum * buf : buf;
-    }
-    p = p + (-lr) * g;
+    g = maximize ? -g : g;
+    g = weight_decay != Op(0) ? g + weight_decay * p : g;
+    const Op nb = first ? g : buf * momentum + one_minus_dampening * g;
+    const Op d = momentum == Op(0) ? g : (nesterov ? g + momentum * nb : nb);
+    buf = momentum == Op(0) ? buf : nb;
+    p = p + (-lr) * d;
     p = keep ? p : Op(0);
     buf = keep ? buf : Op(0);
   }
@@ -49,7 +52,7 @@ struct SgdMath {
 // Per-tensor scalars (bias corrections depend on the tensor's own step count).
 template <typename Op>
 struct AdamMath {
-  Op beta1, beta2;
+  Op one_minus_beta1, beta2, one_minus_beta2;  // 1 - beta in double, as torch does in Python
   Op l2;         // coupled (Adam) weight decay added to the gradient, 0 for AdamW
   Op decay;      // decoupled (AdamW) factor 1 - lr * wd, 1 for Adam
   Op step_size;  // lr / (1 - beta1^t)
@@ -59,11 +62,11 @@ struct AdamMath {
 
   template <bool AMSGRAD>
   LOTTERY_HD LOTTERY_INLINE void update(Op& p, Op g, Op& m, Op& v, Op& vmax, bool keep) const {
-    if (maximize) g = -g;
-    if (l2 != Op(0)) g = g + l2 * p;
+    g = maximize ? -g : g;  // ternaries keep the loop vectorised (see SgdMath)
+    g = l2 != Op(0) ? g + l2 * p : g;
     p = p * decay;
-    m = lerp(m, g, Op(1) - beta1);
-    v = v * beta2 + (Op(1) - beta2) * (g * g);
+    m = lerp(m, g, one_minus_beta1);
+    v = v * beta2 + one_minus_beta2 * (g * g);
     Op vhat = v;
     if (AMSGRAD) {
       vmax = (vmax < v || v != v) ? v : vmax;  // torch.maximum propagates NaN
@@ -83,8 +86,9 @@ template <typename Op>
 inline AdamMath<Op> make_adam_math(double lr, double beta1, double beta2, double eps, double wd,
                                    bool decoupled, bool maximize, double step) {
   AdamMath<Op> a;
-  a.beta1 = Op(beta1);
+  a.one_minus_beta1 = Op(1.0 - beta1);
   a.beta2 = Op(beta2);
+  a.one_minus_beta2 = Op(1.0 - beta2);
   a.l2 = Op(decoupled ? 0.0 : wd);
   a.decay = Op(decoupled && wd != 0.0 ? 1.0 - lr * wd : 1.0);
   a.step_size = Op(lr / (1.0 - std::pow(beta1, step)));
@@ -102,6 +106,19 @@ namespace lottery {
 template <typename Op>
 struct ApplyMask {
   LOTTERY_HD LOTTERY_INLINE Op operator()(Op x, bool keep) const { return keep ? x : Op(0); }
+};
+
+}  // namespace lottery
+
+namespace lottery {
+
+// Rewind (lottery ticket reset): survivors take their snapshot value, pruned weights 0.
+// Works on the storage type directly: the snapshot value is copied bit for bit.
+struct RewindValue {
+  template <typename T>
+  LOTTERY_HD LOTTERY_INLINE T operator()(T snapshot, bool keep) const {
+    return keep ? snapshot : T{};
+  }
 };
 
 }  // namespace lottery

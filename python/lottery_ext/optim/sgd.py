@@ -63,13 +63,15 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 g = p.grad
                 if g is None:
                     continue
-                state = self.state[p]
-                buf = state.get("momentum_buffer") if momentum != 0 else None
-                first = buf is None
-                if momentum != 0 and first:
-                    buf = state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
+                buf, first = None, True
+                if momentum != 0:  # torch keeps no state at all without momentum
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    first = buf is None
+                    if first:
+                        buf = state["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
                 self._checked(p, g, (("momentum_buffer", buf),) if buf is not None else ())
                 lists = calls.get((p.device, p.dtype))
                 if lists is None:

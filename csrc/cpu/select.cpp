@@ -1,0 +1,96 @@
+// CPU launchers for exact magnitude selection (lottery/select.h): radix histograms over a
+// list of tensors without concatenating them, and exact-count mask construction.
+#include "lottery/select.h"
+
+#include <vector>
+
+#include "dispatch.h"
+#include "lottery/api.h"
+#include "parallel.h"
+
+namespace lottery::cpu {
+namespace {
+
+template <typename T, bool HAS_MASK>
+void histogram_range(const T* __restrict x, const uint8_t* __restrict mask, DigitPass pass,
+                     int64_t* __restrict hist, int64_t& nan_count, int64_t b, int64_t e) {
+  using K = MagnitudeKey<T>;
+  int64_t nans = 0;
+  for (int64_t i = b; i < e; ++i) {
+    if (HAS_MASK && !mask[i]) continue;
+    const uint64_t key = K::key(x[i]);
+    nans += key > K::kInf;
+    if (pass.matches(key)) ++hist[pass.digit(key)];
+  }
+  nan_count += nans;
+}
+
+// Counts keys equal to t_key (candidates only) in [b, e).
+template <typename T>
+int64_t count_ties(const T* __restrict x, const uint8_t* __restrict mask, uint64_t t_key, int64_t b,
+                   int64_t e) {
+  int64_t c = 0;
+  for (int64_t i = b; i < e; ++i) c += (!mask || mask[i]) && MagnitudeKey<T>::key(x[i]) == t_key;
+  return c;
+}
+
+}  // namespace
+
+void magnitude_histogram(DType dtype, size_t n, const void* const* tensors,
+                         const uint8_t* const* masks, const int64_t* numels, const DigitPass& pass,
+                         int64_t* hist, int64_t* nan_count, int threads) {
+  const int64_t bins = int64_t(1) << pass.bits;
+  const int parts = plan_parts(n, numels, threads);
+  // Per-part histograms: memory bounded by threads x bins, never by N.
+  std::vector<int64_t> local(size_t(parts) * bins, 0), nans(parts, 0);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for_each_part(n, numels, parts, [&](int part, size_t t, int64_t b, int64_t e) {
+      const T* x = static_cast<const T*>(tensors[t]);
+      int64_t* h = local.data() + size_t(part) * bins;
+      if (masks[t])
+        histogram_range<T, true>(x, masks[t], pass, h, nans[part], b, e);
+      else
+        histogram_range<T, false>(x, nullptr, pass, h, nans[part], b, e);
+    });
+  });
+  for (int part = 0; part < parts; ++part) {
+    *nan_count += nans[part];
+    const int64_t* h = local.data() + size_t(part) * bins;
+    for (int64_t i = 0; i < bins; ++i) hist[i] += h[i];
+  }
+}
+
+void threshold_mask(DType dtype, size_t n, const void* const* tensors,
+                    const uint8_t* const* old_masks, uint8_t* const* out_masks,
+                    const int64_t* numels, uint64_t t_key, int64_t ties_to_prune, int threads) {
+  const int parts = plan_parts(n, numels, threads);
+  std::vector<int64_t> ties(size_t(parts) + 1, 0);  // ties per part, then prefix sums
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using K = MagnitudeKey<T>;
+    const ThresholdRule rule{t_key};
+    // Pass 1: ties per part. Pass 2: write masks; a tie is pruned while the running tie
+    // count (flat order over the whole list) is below ties_to_prune.
+    for_each_part(n, numels, parts, [&](int part, size_t t, int64_t b, int64_t e) {
+      const T* x = static_cast<const T*>(tensors[t]);
+      ties[part + 1] += count_ties<T>(x, old_masks[t], t_key, b, e);
+    });
+    for (int i = 0; i < parts; ++i) ties[i + 1] += ties[i];
+    for_each_part(n, numels, parts, [&](int part, size_t t, int64_t b, int64_t e) {
+      const T* x = static_cast<const T*>(tensors[t]);
+      const uint8_t* old = old_masks[t];
+      uint8_t* out = out_masks[t];
+      int64_t seen = ties[part];  // ties before this piece, in flat order
+      for (int64_t i = b; i < e; ++i) {
+        const bool candidate = !old || old[i];
+        const uint64_t key = K::key(x[i]);
+        out[i] = candidate && rule.keep(key, seen < ties_to_prune);
+        seen += candidate && key == t_key;
+      }
+      ties[part] = seen;
+    });
+  });
+}
+
+}  // namespace lottery::cpu
