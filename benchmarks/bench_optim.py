@@ -44,7 +44,7 @@ def candidates(kind: str, shape_list, density: float) -> dict:
     else:
         ours = lx.MaskedSGD(p, lr=1e-2, momentum=0.9, masks=dict(zip(p, masks)))
         torch_cls, kw = torch.optim.SGD, dict(lr=1e-2, momentum=0.9)
-    out["lottery_ext masked"] = ours.step
+    out[OURS] = ours.step
 
     p = make_params(shape_list)
     fused = torch_cls(p, fused=True, **kw)
@@ -94,36 +94,35 @@ def test_step(benchmark, smoke, model, kind, impl):
 
 
 def report(kind: str, model: str, density: float, rounds: int = 15) -> list[dict]:
+    """Interleaved medians of every candidate; ratio = candidate time / lottery_ext time."""
     shape_list = CASES[model]()
     n = sum(math.prod(s) for s in shape_list)
     t = interleaved(candidates(kind, shape_list, density), rounds=rounds)
     ours = t["lottery_ext masked"]
-    rows = []
-    for name, sec in t.items():
-        rows.append(
-            dict(op=f"{kind} step", model=model, density=density, impl=name, ms=sec * 1e3,
-                 ratio_vs_ours=sec / ours, gbps=BYTES[kind] * n / ours / 1e9 if name == "lottery_ext masked" else None)
-        )  # fmt: skip
-    return rows
+    return [
+        dict(op=f"{kind} step", model=model, n=n, density=density, impl=name, ms=sec * 1e3,
+             ratio=sec / ours, gbps=BYTES[kind] * n / sec / 1e9 if name == OURS else None)
+        for name, sec in t.items()
+    ]  # fmt: skip
+
+
+OURS = "lottery_ext masked"
 
 
 def main() -> None:
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {lx.build_info()['cpu_flags']}"
-    )
+    info = lx.build_info()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {info['cpu_flags']}")
     probe = bandwidth_probe()
     print(f"bandwidth probe (a += s*b, 12 B/elem): {probe:.1f} GB/s")
+    print("| op | model | implementation | ms | time / lottery_ext | GB/s (% of probe) |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
     for kind in ("adam", "sgd"):
         for model in ("resnet50", "lenet300"):
-            rows = report(kind, model, 0.2)
-            for r in rows:
-                extra = (
-                    f"  {r['gbps']:.1f} GB/s ({100 * r['gbps'] / probe:.0f}% of probe)"
-                    if r["gbps"]
-                    else ""
-                )
+            for r in report(kind, model, 0.2):
+                bw = f"{r['gbps']:.1f} ({100 * r['gbps'] / probe:.0f}%)" if r["gbps"] else ""
                 print(
-                    f"{r['op']:9s} {r['model']:9s} {r['impl']:42s} {r['ms']:8.3f} ms  {r['ratio_vs_ours']:5.2f}x{extra}"
+                    f"| {r['op']} | {r['model']} | {r['impl']} | {r['ms']:.3f} "
+                    f"| {r['ratio']:.2f}x | {bw} |"
                 )
 
 
