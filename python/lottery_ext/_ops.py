@@ -102,6 +102,44 @@ def _launch_apply_mask(tensors, masks) -> None:
         _reference.apply_mask_(tensors, masks)
 
 
+def _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist) -> None:
+    if uses_native(tensors[0].device):
+        nans = _native.core.magnitude_histogram(
+            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
+            _numels(tensors), shift, bits, prefix, prefix_mask, hist.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        hist[-1] += nans
+    else:
+        _reference.magnitude_histogram_(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+
+
+def _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
+    if uses_native(tensors[0].device):
+        _native.core.threshold_mask(
+            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(old_masks),
+            _ptrs(out_masks), _numels(tensors), t_key, ties_to_prune, torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        _reference.threshold_mask_(tensors, old_masks, out_masks, t_key, ties_to_prune)
+
+
+def _launch_rewind(params, snapshots, masks, states) -> None:
+    """states: per tensor, the same number of buffers (lists may hold None for absent ones)."""
+    if not params:
+        return
+    if uses_native(params[0].device):
+        per = len(states[0]) if states else 0
+        _native.core.rewind(
+            _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(snapshots),
+            _ptrs(masks), [x for st in states for x in _ptrs(st)], per, _numels(params),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        present = [[b for b in st if b is not None] for st in states]
+        _reference.rewind_(params, snapshots, masks, present)
+
+
 # ---------------------------------------------------------------------------------------------
 # validated entry points
 
@@ -194,9 +232,73 @@ def apply_mask(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         _validate.mask(m, t, name)
         _validate.like_layout(m, t, f"mask for {name}")
         if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
-            raise ValueError("apply_mask: one call takes one device and dtype")
+            raise ValueError(
+                f"apply_mask: {name} is {t.dtype} on {t.device} but tensors[0] is "
+                f"{tensors[0].dtype} on {tensors[0].device}; one call takes one device and dtype"
+            )
     with torch.no_grad():
         _launch_apply_mask(tensors, masks)
+
+
+def _check_candidates(tensors: Sequence[Tensor], masks: Sequence[Tensor | None], what: str):
+    """Tensors whose magnitudes are ranked: one dtype and device, dense; masks bool and alike."""
+    if not tensors:
+        raise ValueError(f"{what}: expected at least one tensor, got an empty list")
+    _validate.same_length(tensors=tensors, masks=masks)
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        name = f"tensors[{i}]"
+        _validate.param(t, name)
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"{what}: {name} is on {t.device} but tensors[0] is on {tensors[0].device}"
+            )
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(
+                f"{what}: {name} is {t.dtype} but tensors[0] is {tensors[0].dtype}; "
+                "rank magnitudes of one dtype per call"
+            )
+        if m is not None:
+            _validate.mask(m, t, name)
+            _validate.like_layout(m, t, f"mask for {name}")
+
+
+def magnitude_histogram(
+    tensors: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    shift: int,
+    bits: int,
+    prefix: int,
+    prefix_mask: int,
+    hist: Tensor,
+) -> None:
+    """One radix pass: ``hist[d] += #candidates with (key & prefix_mask) == prefix and digit
+    (key >> shift) & (2**bits - 1) == d``; ``hist[-1] +=`` #NaN candidates. ``key`` is |x|'s
+    bit pattern with the sign cleared. ``hist``: int64, 2**bits + 1 entries, on the
+    tensors' device.
+    Kept separate so sharded callers can all-reduce ``hist`` between passes."""
+    _check_candidates(tensors, masks, "magnitude_histogram")
+    _validate.histogram(hist, bits, tensors[0], shift, prefix, prefix_mask)
+    _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+
+
+def threshold_mask(
+    tensors: Sequence[Tensor],
+    old_masks: Sequence[Tensor | None],
+    out_masks: Sequence[Tensor],
+    t_key: int,
+    ties_to_prune: int,
+) -> None:
+    """``out = candidate & (key > t_key or (key == t_key and not among the first
+    ties_to_prune ties in flat memory order over the list))``; ``out`` may be ``old``."""
+    _check_candidates(tensors, old_masks, "threshold_mask")
+    _validate.same_length(tensors=tensors, out_masks=out_masks)
+    for i, (t, m) in enumerate(zip(tensors, out_masks)):
+        _validate.mask(m, t, f"out_masks[{i}]")
+        _validate.like_layout(m, t, f"out_masks[{i}]")
+    if ties_to_prune < 0:
+        raise ValueError(f"ties_to_prune must be >= 0, got {ties_to_prune}")
+    with torch.no_grad():
+        _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
 
 
 # ---------------------------------------------------------------------------------------------

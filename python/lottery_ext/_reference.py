@@ -107,3 +107,77 @@ def adam_step_(
         _write_back(exp_avgs[i], m, keep)
         _write_back(exp_avg_sqs[i], v, keep)
         _write_back(p, p32, keep)
+
+
+# ---- magnitude selection -------------------------------------------------------------------
+
+# dtype -> (integer view dtype, magnitude bits, key of +inf)
+KEY_FORMAT = {
+    torch.float32: (torch.int32, 31, 0x7F800000),
+    torch.float64: (torch.int64, 63, 0x7FF0000000000000),
+    torch.float16: (torch.int16, 15, 0x7C00),
+    torch.bfloat16: (torch.int16, 15, 0x7F80),
+}
+
+
+def flat(t: Tensor) -> Tensor:
+    """1-D view of a dense tensor in memory order (the order the kernels walk)."""
+    return t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def magnitude_keys(t: Tensor) -> Tensor:
+    """|t| as int64 keys ordered like |t| (the float bits with the sign cleared)."""
+    view, bits, _ = KEY_FORMAT[t.dtype]
+    return flat(t).view(view).to(torch.int64) & ((1 << bits) - 1)
+
+
+def magnitude_histogram_(
+    tensors: list[Tensor],
+    masks: list[Tensor | None],
+    shift: int,
+    bits: int,
+    prefix: int,
+    prefix_mask: int,
+    hist: Tensor,
+) -> None:
+    """hist[:2**bits] += digit counts of matching candidates; hist[-1] += NaN candidates."""
+    for t, m in zip(tensors, masks):
+        keys = magnitude_keys(t)
+        if m is not None:
+            keys = keys[flat(m)]
+        hist[-1] += int((keys > KEY_FORMAT[t.dtype][2]).sum())
+        keys = keys[(keys & prefix_mask) == prefix]
+        digits = (keys >> shift) & ((1 << bits) - 1)
+        hist[: 1 << bits] += torch.bincount(digits, minlength=1 << bits)
+
+
+def threshold_mask_(
+    tensors: list[Tensor],
+    old_masks: list[Tensor | None],
+    out_masks: list[Tensor],
+    t_key: int,
+    ties_to_prune: int,
+) -> None:
+    """out = candidate & (key > t, or key == t beyond the first `ties_to_prune` ties in flat
+    order over the whole list)."""
+    seen = 0
+    for t, old, out in zip(tensors, old_masks, out_masks):
+        keys = magnitude_keys(t)
+        cand = torch.ones_like(keys, dtype=torch.bool) if old is None else flat(old).clone()
+        tie = cand & (keys == t_key)
+        rank = seen + torch.cumsum(tie.to(torch.int64), 0) - tie.to(torch.int64)
+        keep = cand & ((keys > t_key) | (tie & (rank >= ties_to_prune)))
+        seen += int(tie.sum())
+        flat(out).copy_(keep)
+
+
+def rewind_(
+    params: list[Tensor],
+    snapshots: list[Tensor],
+    masks: list[Tensor | None],
+    states: list[list[Tensor]],
+) -> None:
+    for p, s, m, st in zip(params, snapshots, masks, states):
+        p.copy_(s if m is None else torch.where(m, s, torch.zeros((), dtype=s.dtype)))
+        for buf in st:
+            buf.zero_()

@@ -177,3 +177,24 @@ def steps(step_tensors: list[torch.Tensor]) -> None:
             and s.numel() == 1
         ):
             raise TypeError(f"steps[{i}]: expected a one-element float32 CPU tensor")
+
+
+def histogram(
+    hist: object, bits: int, like: torch.Tensor, shift: int, prefix: int, pmask: int
+) -> None:
+    """Scratch for one radix pass over tensors like `like`: int64, contiguous, on their
+    device, 2**bits + 1 entries (the last counts NaNs)."""
+    dtype = like.dtype
+    if not isinstance(hist, torch.Tensor) or hist.dtype != torch.int64:
+        raise TypeError("hist: expected an int64 torch.Tensor")
+    if not (1 <= bits <= 16):
+        raise ValueError(f"bits must be in [1, 16], got {bits}")
+    if hist.device != like.device or not hist.is_contiguous() or hist.numel() != (1 << bits) + 1:
+        raise ValueError(
+            f"hist: expected a contiguous tensor of {(1 << bits) + 1} entries on {like.device}"
+        )
+    key_bits = {torch.float32: 31, torch.float64: 63, torch.float16: 15, torch.bfloat16: 15}
+    if not (0 <= shift and shift + bits <= key_bits[dtype]):
+        raise ValueError(f"shift {shift} + bits {bits} exceed the {key_bits[dtype]}-bit key")
+    if prefix < 0 or pmask < 0 or prefix & ~pmask:
+        raise ValueError("prefix must be a non-negative subset of prefix_mask")

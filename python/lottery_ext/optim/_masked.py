@@ -27,6 +27,9 @@ class MaskedOptimizer:
 
     def _init_masks(self, masks: Mapping[Tensor | str, Tensor] | None) -> None:
         self._masks: dict[Tensor, Tensor] = {}
+        # Parameters whose state was reset in place (lottery_ext.rewind): their next step is a
+        # first step, as after a fresh construction, without re-allocating the buffers.
+        self._restart: set[Tensor] = set()
         for key, mask in (masks or {}).items():
             self.set_mask(self._resolve(key), mask)
 

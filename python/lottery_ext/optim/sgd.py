@@ -59,28 +59,30 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             dampening, wd = group["dampening"], group["weight_decay"]
             _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd)
             calls: dict[tuple, tuple[list, ...]] = {}
+            new_buffers = []  # allocated only once the whole group has passed validation
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                buf, first = None, True
-                if momentum != 0:  # torch keeps no state at all without momentum
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    first = buf is None
-                    if first:
-                        buf = state["momentum_buffer"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
+                buf = self.state.get(p, {}).get("momentum_buffer") if momentum != 0 else None
                 self._checked(p, g, (("momentum_buffer", buf),) if buf is not None else ())
+                # torch's first step copies the gradient into a new buffer; a rewound
+                # optimizer (lottery_ext.rewind) also restarts here, keeping its buffer.
+                first = buf is None or p in self._restart
                 lists = calls.get((p.device, p.dtype))
                 if lists is None:
                     lists = calls[(p.device, p.dtype)] = ([], [], [], [], [])
+                if momentum != 0 and buf is None:
+                    new_buffers.append((p, len(lists[2]), lists[2]))
                 lists[0].append(p)
                 lists[1].append(g)
                 lists[2].append(buf)
                 lists[3].append(self._masks.get(p))
                 lists[4].append(first)
+            for p, i, bufs in new_buffers:
+                bufs[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
             for params, grads, bufs, masks, first in calls.values():
                 if torch.compiler.is_compiling():
                     torch.ops.lottery_ext.sgd_step_(
@@ -92,4 +94,5 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                         params, grads, bufs, masks, first, lr, momentum, dampening, wd,
                         group["nesterov"], group["maximize"],
                     )  # fmt: skip
+                self._restart.difference_update(params)
         return loss

@@ -1,0 +1,128 @@
+"""Exact magnitude thresholds and exact-count masks over one tensor or a list of tensors,
+without concatenating or copying them.
+
+The k-th smallest |w| is found by radix selection on the bit patterns of |w| (sign cleared:
+ordered like |w| for every non-NaN value, ±0 and ±inf included): one histogram pass per
+16-bit digit, most significant first (2 passes for float32, 4 for float64, 1 for 16-bit),
+each counting only the elements whose higher digits match those already selected. The
+histogram pass is its own op (``lottery_ext.ops.magnitude_histogram``) so that a sharded
+model can all-reduce the histograms between passes and get the exact global threshold.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ops, _validate
+
+Tensor = torch.Tensor
+
+# (shift, bits) of each radix pass, most significant digit first.
+PASSES = {
+    torch.float32: ((15, 16), (0, 15)),
+    torch.float64: ((47, 16), (31, 16), (15, 16), (0, 15)),
+    torch.float16: ((0, 15),),
+    torch.bfloat16: ((0, 15),),
+}
+
+
+def key_to_float(key: int, dtype: torch.dtype) -> float:
+    """The magnitude whose bit pattern (sign cleared) is `key`."""
+    if dtype == torch.float32:
+        return struct.unpack("<f", struct.pack("<I", key))[0]
+    if dtype == torch.float64:
+        return struct.unpack("<d", struct.pack("<Q", key))[0]
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<H", key))[0]
+    return struct.unpack("<f", struct.pack("<I", key << 16))[0]  # bfloat16
+
+
+def _as_list(tensors: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
+def _as_masks(masks, n: int) -> list[Tensor | None]:
+    if masks is None:
+        return [None] * n
+    return [masks] if isinstance(masks, Tensor) else list(masks)
+
+
+def count_candidates(tensors: list[Tensor], masks: list[Tensor | None]) -> int:
+    return sum(t.numel() if m is None else int(m.sum()) for t, m in zip(tensors, masks))
+
+
+def select_key(tensors: list[Tensor], masks: list[Tensor | None], k: int) -> tuple[int, int]:
+    """(key of the k-th smallest candidate magnitude, number of candidates below that key).
+    Inputs must be validated (``_ops._check_candidates``)."""
+    dtype, device = tensors[0].dtype, tensors[0].device
+    prefix = prefix_mask = below = 0
+    for i, (shift, bits) in enumerate(PASSES[dtype]):
+        hist = torch.zeros((1 << bits) + 1, dtype=torch.int64, device=device)
+        _ops._launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+        counts = hist[:-1]
+        if i == 0:
+            nans = int(hist[-1])
+            if nans:
+                raise ValueError(f"magnitudes contain {nans} NaN value(s); no threshold exists")
+            total = int(counts.sum())
+            if not 1 <= k <= total:
+                raise ValueError(f"k={k} is out of range: there are {total} candidate weights")
+        cum = counts.cumsum(0)
+        digit = int(torch.searchsorted(cum, torch.tensor(k - below, device=device)))
+        below += int(cum[digit - 1]) if digit else 0
+        prefix |= digit << shift
+        prefix_mask |= ((1 << bits) - 1) << shift
+    return prefix, below
+
+
+def _check_k(k: object, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    return k
+
+
+def kth_smallest_magnitude(
+    tensors: Tensor | Sequence[Tensor],
+    k: int,
+    masks: Tensor | Sequence[Tensor | None] | None = None,
+) -> float:
+    """The exact k-th smallest |w| (1-indexed) over one tensor or a list of tensors, as
+    ``torch.kthvalue(torch.cat([t.flatten().abs() for t in tensors]), k)`` would give, without
+    concatenating or copying them. ``masks`` (bool, like each tensor) restricts the candidates
+    to surviving entries. NaN anywhere among the candidates raises ``ValueError``."""
+    tensors = _as_list(tensors)
+    masks = _as_masks(masks, len(tensors))
+    _ops._check_candidates(tensors, masks, "kth_smallest_magnitude")
+    k = _check_k(k)
+    key, _ = select_key(tensors, masks, k)
+    return key_to_float(key, tensors[0].dtype)
+
+
+def prune_smallest(
+    tensors: Tensor | Sequence[Tensor],
+    count: int,
+    masks: Tensor | Sequence[Tensor | None] | None = None,
+) -> list[Tensor]:
+    """New masks that remove exactly `count` of the surviving weights: the smallest
+    magnitudes, ties at the threshold broken by flat (memory) index over the list, lowest
+    first. Already-pruned weights stay pruned. Returns one bool tensor per input tensor."""
+    tensors = _as_list(tensors)
+    masks = _as_masks(masks, len(tensors))
+    _ops._check_candidates(tensors, masks, "prune_smallest")
+    count = _check_k(count, "count")
+    out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
+    if count == 0:
+        for o, m in zip(out, masks):
+            o.copy_(True if m is None else m)
+        return out
+    key, below = select_key(tensors, masks, count)  # validates 1 <= count <= candidates
+    with torch.no_grad():
+        _ops._launch_threshold_mask(tensors, masks, out, key, count - below)
+    return out
+
+
+__all__ = ["kth_smallest_magnitude", "prune_smallest", "count_candidates", "key_to_float"]
+_ = _validate  # the checks live in _validate, reached through _ops._check_candidates
