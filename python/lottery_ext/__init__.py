@@ -12,6 +12,15 @@ import torch
 from . import _native
 from . import _ops as ops
 from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from .pruning import (
+    MagnitudePruner,
+    Snapshot,
+    kth_smallest_magnitude,
+    prune_smallest,
+    reinitialize,
+    rewind,
+    snapshot,
+)
 
 __version__ = "0.1.0"
 
@@ -38,4 +47,18 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "build_info", "ops", "__version__"]
+__all__ = [
+    "MaskedSGD",
+    "MaskedAdam",
+    "MaskedAdamW",
+    "MagnitudePruner",
+    "Snapshot",
+    "kth_smallest_magnitude",
+    "prune_smallest",
+    "reinitialize",
+    "rewind",
+    "snapshot",
+    "build_info",
+    "ops",
+    "__version__",
+]

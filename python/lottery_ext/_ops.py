@@ -301,6 +301,40 @@ def threshold_mask(
         _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
 
 
+def rewind_tensors(
+    params: Sequence[Tensor],
+    snapshots: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    states: Sequence[Tensor] = (),
+) -> None:
+    """``params[i] = snapshots[i]`` where ``masks[i]`` (everywhere if None) else 0, and
+    every tensor of ``states`` (optimizer buffers, ``len(params) * S`` of them, tensor-major:
+    the S buffers of params[0] first) zeroed, in one pass per tensor."""
+    n = _validate.same_length(params=params, snapshots=snapshots, masks=masks)
+    if n and len(states) % n:
+        raise ValueError(f"states: {len(states)} tensors is not a multiple of {n} params")
+    per = len(states) // n if n else 0
+    for i, p in enumerate(params):
+        name = f"params[{i}]"
+        _validate.param(p, name)
+        _validate.like(snapshots[i], p, "snapshot", name)
+        if masks[i] is not None:
+            _validate.mask(masks[i], p, name)
+            _validate.like_layout(masks[i], p, f"mask for {name}")
+        for s in states[i * per : (i + 1) * per]:
+            _validate.like(s, p, "optimizer state", name)
+        if p.device != params[0].device or p.dtype != params[0].dtype:
+            raise ValueError(
+                f"rewind: {name} is {p.dtype} on {p.device} but params[0] is "
+                f"{params[0].dtype} on {params[0].device}; one call takes one device and dtype"
+            )
+    with torch.no_grad():
+        _launch_rewind(
+            list(params), list(snapshots), list(masks),
+            [list(states[i * per : (i + 1) * per]) for i in range(n)],
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library registrations: torch.ops.lottery_ext.*
 
@@ -371,4 +405,63 @@ def _apply_mask_op(tensors: list[Tensor], masks: list[Tensor]) -> None:
 
 @_apply_mask_op.register_fake
 def _(tensors, masks) -> None:
+    return None
+
+
+@torch.library.custom_op("lottery_ext::magnitude_histogram_", mutates_args=("hist",))
+def _magnitude_histogram_op(
+    tensors: list[Tensor],
+    masks: list[Tensor | None],
+    shift: int,
+    bits: int,
+    prefix: int,
+    prefix_mask: int,
+    hist: Tensor,
+) -> None:
+    magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+
+
+@_magnitude_histogram_op.register_fake
+def _(tensors, masks, shift, bits, prefix, prefix_mask, hist) -> None:
+    return None
+
+
+@torch.library.custom_op("lottery_ext::threshold_mask_", mutates_args=("out_masks",))
+def _threshold_mask_op(
+    tensors: list[Tensor],
+    old_masks: list[Tensor | None],
+    out_masks: list[Tensor],
+    t_key: int,
+    ties_to_prune: int,
+) -> None:
+    threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
+
+
+@_threshold_mask_op.register_fake
+def _(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
+    return None
+
+
+@torch.library.custom_op("lottery_ext::kth_smallest_magnitude", mutates_args=())
+def _kth_smallest_magnitude_op(tensors: list[Tensor], k: int, masks: list[Tensor | None]) -> Tensor:
+    from .pruning.threshold import kth_smallest_magnitude
+
+    value = kth_smallest_magnitude(tensors, k, masks)
+    return torch.tensor(value, dtype=tensors[0].dtype, device=tensors[0].device)
+
+
+@_kth_smallest_magnitude_op.register_fake
+def _(tensors, k, masks) -> Tensor:
+    return tensors[0].new_empty(())
+
+
+@torch.library.custom_op("lottery_ext::rewind_", mutates_args=("params", "states"))
+def _rewind_op(
+    params: list[Tensor], snapshots: list[Tensor], masks: list[Tensor | None], states: list[Tensor]
+) -> None:
+    rewind_tensors(params, snapshots, masks, states)
+
+
+@_rewind_op.register_fake
+def _(params, snapshots, masks, states) -> None:
     return None

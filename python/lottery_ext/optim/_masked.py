@@ -76,12 +76,18 @@ class MaskedOptimizer:
         if mask is None:
             self._masks.pop(param, None)
             return
-        _validate.mask(mask, param, name)
-        stored = torch.empty_like(param, dtype=torch.bool)  # the parameter's memory layout
-        stored.copy_(mask)
-        self._masks[param] = stored
+        stored = self._store_mask(param, mask, name)
         tensors = [param.detach()] + self._buffers_of(param)
         _ops.apply_mask(tensors, [stored] * len(tensors))
+
+    def _store_mask(self, param: Tensor, mask: Tensor, name: str | None = None) -> Tensor:
+        """Validate and keep a copy of `mask` in the parameter's memory layout, without
+        touching the parameter (for callers that zero it themselves, like rewind)."""
+        _validate.mask(mask, param, name or self._name(param))
+        stored = torch.empty_like(param, dtype=torch.bool)
+        stored.copy_(mask)
+        self._masks[param] = stored
+        return stored
 
     def get_mask(self, param: Tensor) -> Tensor | None:
         """The mask set for `param` (the optimizer's own copy), or None."""
@@ -111,6 +117,7 @@ class MaskedOptimizer:
         state_dict = dict(state_dict)
         masks = state_dict.pop("masks", {})
         super().load_state_dict(state_dict)
+        self._restart.clear()
         self._after_load()
         params = []
         for _, _, p in self._iter_params():

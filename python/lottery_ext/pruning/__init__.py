@@ -1,0 +1,15 @@
+"""Magnitude thresholds, the pruner, and rewinding."""
+
+from .pruner import MagnitudePruner
+from .rewind import Snapshot, reinitialize, rewind, snapshot
+from .threshold import kth_smallest_magnitude, prune_smallest
+
+__all__ = [
+    "MagnitudePruner",
+    "Snapshot",
+    "kth_smallest_magnitude",
+    "prune_smallest",
+    "reinitialize",
+    "rewind",
+    "snapshot",
+]
