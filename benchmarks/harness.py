@@ -4,6 +4,7 @@ and only ratios within one run are reported."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -46,3 +47,26 @@ def bandwidth_probe(n: int = 64 << 20) -> float:
     a, b = torch.ones(n), torch.ones(n)
     t = interleaved({"probe": lambda: a.add_(b, alpha=0.5)}, rounds=7, warmup=1)["probe"]
     return 12 * n / t / 1e9
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak resident memory `fn` adds on top of what is already allocated (Linux: resets the
+    VmHWM high-water mark through /proc/self/clear_refs). None where that is unavailable."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kib("VmRSS")
+        fn()
+        peak = _proc_status_kib("VmHWM")
+    except OSError:
+        return None
+    return max(0, peak - base) * 1024

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -16,7 +18,9 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_cmd in README.splitlines(), "the README's test command must be .ci/run's last line"
 
 
-def test_quickstart_snippet_runs():
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    quickstart = next(b for b in blocks if "MaskedAdam" in b)
-    exec(compile(quickstart, "README quickstart", "exec"), {})
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_python_snippets_run(index):
+    exec(compile(PYTHON_BLOCKS[index], f"README python block {index}", "exec"), {})
