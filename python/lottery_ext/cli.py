@@ -1,10 +1,11 @@
-"""The `lottery-ext` command line."""
+"""The `lottery-ext` command line (also `python -m lottery_ext`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -14,13 +15,97 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .experiments.presets import DEFAULT_PRESET, PRESETS
+
+    for p in PRESETS.values():
+        star = " (default)" if p.name == DEFAULT_PRESET else ""
+        print(f"{p.name}{star}: {p.description}")
+        print(f"    {p.recipe()}")
+        if p.needs_data:
+            print(f"    --data-dir: {p.needs_data}")
+    return 0
+
+
+# option name -> RunConfig field, for the overrides of `find`
+_OVERRIDES = {
+    "trials": int, "rounds": int, "iterations": int, "eval_every": int, "batch_size": int,
+    "lr": float, "momentum": float, "weight_decay": float, "warmup": int, "dropout": float,
+    "rate": float, "output_rate": float, "conv_rate": float, "rewind_iteration": int,
+    "val_size": int, "seed": int, "threads": int, "checkpoint_every": int,
+}  # fmt: skip
+
+
+def _cmd_find(args: argparse.Namespace) -> int:
+    from .experiments.presets import PRESETS, RunConfig
+    from .experiments.report import report
+    from .experiments.runner import Experiment, default_out_dir
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {args.preset!r}; `lottery-ext presets` lists them")
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    overrides.update(optimizer=args.optimizer, scope=args.scope, device=args.device)
+    if args.milestones is not None:
+        overrides["milestones"] = [int(m) for m in args.milestones.split(",") if m]
+    if args.controls is not None:
+        overrides["controls"] = [] if args.controls == "none" else args.controls.split(",")
+    try:
+        cfg = RunConfig.from_preset(PRESETS[args.preset], **overrides)
+        out = Path(args.out) if args.out else default_out_dir(cfg)
+        print(f"run directory: {out}")
+        Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress).run()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report(out, make_plots=not args.no_plots))
+    print(f"\nresults: {out}/results.jsonl, summary: {out}/summary.csv"
+          + ("" if args.no_plots else f", plots: {out}/accuracy.png"))  # fmt: skip
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .experiments.report import report
+
+    try:
+        print(report(args.run_dir, make_plots=not args.no_plots))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments.presets import DEFAULT_PRESET
+
     parser = argparse.ArgumentParser(
         prog="lottery-ext", description="Find lottery tickets with iterative magnitude pruning."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="how this install was built (native core, CUDA, threads)")
-    info.set_defaults(func=_cmd_info)
+
+    find = sub.add_parser("find", help="run iterative magnitude pruning (resumes if interrupted)")
+    find.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe (default {DEFAULT_PRESET})")
+    find.add_argument("--data-dir", help="dataset directory (MNIST IDX files, CIFAR-10 batches)")
+    find.add_argument("--out", help="run directory (default runs/<preset>-<config hash>)")
+    find.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"])
+    find.add_argument("--scope", choices=["layer", "global"])
+    find.add_argument("--device", help="cpu (default) or cuda")
+    find.add_argument("--milestones", help="comma-separated iterations where the LR drops x0.1")
+    find.add_argument("--controls", help="comma list of reinit,random_prune, or 'none'")
+    for name, typ in _OVERRIDES.items():
+        find.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    find.add_argument("--no-progress", action="store_true", help="no progress bars")
+    find.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    find.set_defaults(func=_cmd_find)
+
+    rep = sub.add_parser("report", help="tables and plots of a finished or running run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--no-plots", action="store_true")
+    rep.set_defaults(func=_cmd_report)
+
+    sub.add_parser("presets", help="list the presets and their recipes").set_defaults(
+        func=_cmd_presets
+    )
+    sub.add_parser("info", help="how this install was built").set_defaults(func=_cmd_info)
     return parser
 
 

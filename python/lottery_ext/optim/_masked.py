@@ -111,11 +111,14 @@ class MaskedOptimizer:
         for _, _, p in self._iter_params():  # torch's numbering: position across all groups
             index.setdefault(id(p), len(index))
         sd["masks"] = {index[id(p)]: m for p, m in self._masks.items()}
+        if self._restart:  # rewound parameters whose next step is a first step (MaskedSGD)
+            sd["restart"] = sorted(index[id(p)] for p in self._restart if id(p) in index)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         masks = state_dict.pop("masks", {})
+        restart = state_dict.pop("restart", [])
         super().load_state_dict(state_dict)
         self._restart.clear()
         self._after_load()
@@ -127,6 +130,7 @@ class MaskedOptimizer:
         for idx, mask in masks.items():
             p = params[int(idx)]
             self.set_mask(p, mask.to(p.device))
+        self._restart = {params[int(i)] for i in restart}
 
     def _after_load(self) -> None:
         """Hook for subclasses to normalise loaded state."""

@@ -163,6 +163,10 @@ class MagnitudePruner:
                 new[name] = prune_smallest(self.targets[name].detach(), count, self._masks[name])[0]
         return new
 
+    def compute_masks(self) -> dict[str, Tensor]:
+        """The masks the next ``prune()`` would produce, without applying them."""
+        return self._magnitude_round()
+
     def prune(self) -> dict[str, Tensor]:
         """One round of magnitude pruning. Zeroes the newly pruned weights, updates attached
         optimizers, and returns the new masks (name -> bool tensor)."""
@@ -178,8 +182,10 @@ class MagnitudePruner:
         for name, p in self.targets.items():
             old = self._masks[name]
             count = int(old.sum()) - int(magnitude[name].sum())
-            scores = torch.rand(p.shape, generator=gen).to(p.device)
-            new[name] = prune_smallest(scores, count, old.to(scores.device))[0].to(p.device)
+            # scores in the mask's memory layout, so ties and layouts line up with `old`
+            scores = torch.empty_like(old, dtype=torch.float32)
+            scores.copy_(torch.rand(p.shape, generator=gen))
+            new[name] = prune_smallest(scores, count, old)[0]
         return self._commit(new)
 
     @torch.no_grad()
@@ -267,8 +273,11 @@ class MagnitudePruner:
                 f"missing {sorted(set(self.targets) - set(masks))[:5]}, "
                 f"unexpected {sorted(set(masks) - set(self.targets))[:5]}"
             )
-        for name, m in masks.items():
-            _validate.mask(m.to(self.targets[name].device), self.targets[name], name)
-        self._masks = {n: masks[n].to(self.targets[n].device).clone() for n in self.targets}
+        loaded = {}
+        for name, p in self.targets.items():  # check everything before changing anything
+            m = masks[name].to(p.device)
+            _validate.mask(m, p, name)
+            loaded[name] = torch.empty_like(p, dtype=torch.bool).copy_(m)  # p's memory layout
+        self._masks = loaded
         self.rounds = int(sd.get("rounds", 0))
         self.apply()

@@ -93,9 +93,17 @@ def rewind(
 
     snap.check_unmodified()
     named = dict(model.named_parameters())
-    missing = [n for n in list(named) + [b for b, _ in model.named_buffers()] if n not in snap]
+    buffers = dict(model.named_buffers())
+    missing = [n for n in list(named) + list(buffers) if n not in snap]
     if missing:
         raise ValueError(f"snapshot has no entry for {missing[:5]}: was it taken of this model?")
+    for name, b in buffers.items():
+        s = snap[name]
+        if s.shape != b.shape or s.dtype != b.dtype:
+            raise ValueError(
+                f"snapshot buffer {name!r} is {s.dtype} {tuple(s.shape)} but the model's is "
+                f"{b.dtype} {tuple(b.shape)}: was the snapshot taken of this model?"
+            )
     masked_opt = optimizer if isinstance(optimizer, MaskedOptimizer) else None
     if masks is None and masked_opt is not None:
         by_param = {id(p): n for n, p in named.items()}
@@ -123,7 +131,7 @@ def rewind(
         width = max(len(st) for st in states)
         padded = [st + [None] * (width - len(st)) for st in states]
         _ops._launch_rewind([p.detach() for p in params], snaps, ms, padded)
-    for name, b in model.named_buffers():
+    for name, b in buffers.items():
         b.copy_(snap[name])
 
     if masked_opt is not None:
@@ -144,6 +152,10 @@ def reinitialize(
     """The random re-initialisation control: a fresh initialisation of `model` from its own
     scheme (each module's ``reset_parameters()``, or ``model.apply(init_fn)``), drawn with
     `seed`, then the pruned weights zeroed with the same masks."""
+    named = dict(model.named_parameters())
+    resolved = _resolve_masks(model, masks)
+    for name, m in resolved.items():  # check before changing anything
+        _validate.mask(m, named[name], name)
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -153,10 +165,6 @@ def reinitialize(
             for module in model.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-    named = dict(model.named_parameters())
-    resolved = _resolve_masks(model, masks)
-    for name, m in resolved.items():
-        _validate.mask(m, named[name], name)
     groups: dict[tuple, tuple[list, list]] = {}
     for name, m in resolved.items():
         p = named[name].detach()
