@@ -17,6 +17,7 @@ from benchmarks.harness import bandwidth_probe, interleaved
 
 # bytes per element and step (float32 params, bool masks)
 BYTES = {"adam": 29, "adam_nomask": 28, "sgd": 21, "sgd_nomask": 20}
+OURS = "lottery_ext masked"
 
 
 def make_params(shape_list, seed=0):
@@ -72,25 +73,30 @@ def candidates(kind: str, shape_list, density: float) -> dict:
     return out
 
 
-CASES = {"lenet300": shapes.lenet300, "resnet50": shapes.resnet50}
+CASES = shapes.MODELS
+IMPLS = [
+    "lottery_ext masked",
+    "torch fused (no mask)",
+    "torch fused + _foreach_mul_(float masks)",
+    "torch default + mul_(bool mask)",
+]
 
 
 @pytest.mark.parametrize("model", list(CASES))
+@pytest.mark.parametrize("density", [1.0, 0.2, 0.02])
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-@pytest.mark.parametrize(
-    "impl",
-    [
-        "lottery_ext masked",
-        "torch fused (no mask)",
-        "torch fused + _foreach_mul_(float masks)",
-        "torch default + mul_(bool mask)",
-    ],
-)
-def test_step(benchmark, smoke, model, kind, impl):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_step(benchmark, smoke, probe_gbps, model, density, kind, impl):
+    if kind == "sgd" and density != 0.2:
+        pytest.skip("SGD is measured at 20% density only")
     shape_list = [(7, 5), (3,)] if smoke else CASES[model]()
-    fn = candidates(kind, shape_list, density=0.2)[impl]
-    benchmark.group = f"{kind} step {model}"
-    benchmark.pedantic(fn, rounds=3 if smoke else 15, warmup_rounds=1)
+    fn = candidates(kind, shape_list, density=density)[impl]
+    n = sum(math.prod(s) for s in shape_list)
+    benchmark.group = f"{kind} step {model} density {density}"
+    benchmark.extra_info.update(op=f"{kind} step, density {density:g}", size=model, n=n,
+                                impl=impl, candidate=impl == OURS, bytes=BYTES[kind] * n,
+                                probe_gbps=probe_gbps)  # fmt: skip
+    benchmark.pedantic(fn, rounds=3 if smoke else 10, warmup_rounds=1)
 
 
 def report(kind: str, model: str, density: float, rounds: int = 15) -> list[dict]:
@@ -106,9 +112,6 @@ def report(kind: str, model: str, density: float, rounds: int = 15) -> list[dict
     ]  # fmt: skip
 
 
-OURS = "lottery_ext masked"
-
-
 def main() -> None:
     info = lx.build_info()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {info['cpu_flags']}")
@@ -116,14 +119,16 @@ def main() -> None:
     print(f"bandwidth probe (a += s*b, 12 B/elem): {probe:.1f} GB/s")
     print("| op | model | implementation | ms | time / lottery_ext | GB/s (% of probe) |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
-    for kind in ("adam", "sgd"):
-        for model in ("resnet50", "lenet300"):
-            for r in report(kind, model, 0.2):
-                bw = f"{r['gbps']:.1f} ({100 * r['gbps'] / probe:.0f}%)" if r["gbps"] else ""
-                print(
-                    f"| {r['op']} | {r['model']} | {r['impl']} | {r['ms']:.3f} "
-                    f"| {r['ratio']:.2f}x | {bw} |"
-                )
+    cases = [("adam", m, 0.2) for m in ("resnet50", "flat25m", "conv2", "lenet300")]
+    cases += [("adam", "resnet50", d) for d in (1.0, 0.02)]
+    cases += [("sgd", m, 0.2) for m in ("resnet50", "lenet300")]
+    for kind, model, density in cases:
+        for r in report(kind, model, density):
+            bw = f"{r['gbps']:.1f} ({100 * r['gbps'] / probe:.0f}%)" if r["gbps"] else ""
+            print(
+                f"| {r['op']}, {int(100 * density)}% | {r['model']} | {r['impl']} | "
+                f"{r['ms']:.3f} | {r['ratio']:.2f}x | {bw} |"
+            )
 
 
 if __name__ == "__main__":

@@ -70,9 +70,14 @@ def candidates(shape_list) -> dict:
     "impl", [OURS, "copy_ + mul_(bool) + _foreach_zero_", "torch.mul(out=) + _foreach_zero_",
              "torch.where(out=) + _foreach_zero_"],
 )  # fmt: skip
-def test_rewind(benchmark, smoke, impl):
-    fn = candidates([(7, 5), (3,)] if smoke else shapes.resnet50())[impl]
+def test_rewind(benchmark, smoke, probe_gbps, impl):
+    shape_list = [(7, 5), (3,)] if smoke else shapes.resnet50()
+    fn = candidates(shape_list)[impl]
+    n = sum(math.prod(s) for s in shape_list)
     benchmark.group = "rewind + Adam state reset, ResNet-50 shapes (25.6M)"
+    benchmark.extra_info.update(op="rewind + Adam state reset", size="resnet50", n=n, impl=impl,
+                                candidate=impl == OURS, bytes=BYTES * n,
+                                probe_gbps=probe_gbps)  # fmt: skip
     benchmark.pedantic(fn, rounds=3 if smoke else 15, warmup_rounds=1)
 
 

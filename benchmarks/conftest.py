@@ -13,3 +13,12 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def smoke(request) -> bool:
     return request.config.lottery_smoke
+
+
+@pytest.fixture(scope="session")
+def probe_gbps(smoke) -> float:
+    """Memory bandwidth of this run (in-place a += s*b), stored with every benchmark so the
+    report can state GB/s as a fraction of it."""
+    from benchmarks.harness import bandwidth_probe
+
+    return bandwidth_probe(1 << 16 if smoke else 64 << 20)

@@ -28,3 +28,11 @@ def conv2() -> list[tuple[int, ...]]:
     """Conv-2 of the paper (CIFAR-10): 4,301,642 elements."""
     return [(64, 3, 3, 3), (64,), (64, 64, 3, 3), (64,), (256, 16384), (256,), (256, 256), (256,),
             (10, 256), (10,)]  # fmt: skip
+
+
+def flat25m() -> list[tuple[int, ...]]:
+    """One flat tensor of 25M elements."""
+    return [(25_000_000,)]
+
+
+MODELS = {"lenet300": lenet300, "conv2": conv2, "resnet50": resnet50, "flat25m": flat25m}

@@ -526,9 +526,10 @@ def test_native_matches_reference_kth_and_prune(dtype):
     kinds = [("randn", "none"), ("ties", "mixed"), ("special", "random"), ("close", "none")]
     cases = [random_case(g, dtype, 8, kind, mk, transpose=True) for kind, mk in kinds]
     cases.append(([gen_values(s, dtype, "ties", g) for s in MANY], None))
-    for tensors, masks in cases:
+    for i, (tensors, masks) in enumerate(cases):
         n = n_candidates(tensors, masks)
-        ks = ks_for(n, g)
+        # the reference is slow on the big list (a 2**16-bin bincount per tensor and pass)
+        ks = ks_for(n, g) if i < len(kinds) else [1, n // 3 + 1, n]
         nat, ref = _both(
             lambda t=tensors, m=masks, ks=ks: [kth_smallest_magnitude(t, k, m) for k in ks]
         )
