@@ -455,6 +455,15 @@ def _(tensors, k, masks) -> Tensor:
     return tensors[0].new_empty(())
 
 
+def _kth_setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output)  # a threshold carries no gradient
+
+
+_kth_smallest_magnitude_op.register_autograd(
+    lambda ctx, grad: (None, None, None), setup_context=_kth_setup_context
+)
+
+
 @torch.library.custom_op("lottery_ext::rewind_", mutates_args=("params", "states"))
 def _rewind_op(
     params: list[Tensor], snapshots: list[Tensor], masks: list[Tensor | None], states: list[Tensor]

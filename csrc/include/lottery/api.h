@@ -63,11 +63,7 @@ void rewind(DType dtype, size_t n, void* const* params, const void* const* snaps
 
 }  // namespace cpu
 
-#ifdef LOTTERY_EXT_WITH_CUDA
-namespace cuda {
-int runtime_version();  // CUDART_VERSION the kernels were compiled against
-int device_count();     // 0 when no usable driver/device
-}  // namespace cuda
-#endif
-
 }  // namespace lottery
+
+// The CUDA launchers (lottery::cuda::*, LOTTERY_EXT_WITH_CUDA builds only).
+#include "lottery/api_cuda.h"
