@@ -44,9 +44,20 @@ function(lottery_add_cuda target)
   if(NOT LOTTERY_EXT_WITH_CUDA)
     return()
   endif()
-  target_sources(${target} PRIVATE ${PROJECT_SOURCE_DIR}/csrc/cuda/info.cu)
+  # Listed explicitly (no glob): a new kernel file is a reviewed build change.
+  target_sources(${target} PRIVATE
+    ${PROJECT_SOURCE_DIR}/csrc/cuda/info.cu
+    ${PROJECT_SOURCE_DIR}/csrc/cuda/optim.cu
+    ${PROJECT_SOURCE_DIR}/csrc/cuda/select.cu
+    ${PROJECT_SOURCE_DIR}/csrc/cuda/rewind.cu)
   target_compile_definitions(${target} PRIVATE LOTTERY_EXT_WITH_CUDA)
-  set(cuda_flags -O3 --Werror=all-warnings -Xcompiler=-Wall)
+  # --fmad=false: no contraction of a*b+c into FMA, like -ffp-contract=off for the CPU kernels,
+  # so the CUDA updates round exactly like the CPU loops (the same lottery/math.h functors).
+  set(cuda_flags -O3 --fmad=false --expt-relaxed-constexpr --Werror=all-warnings
+                 -Xcompiler=-Wall,-Wextra)
+  if(LOTTERY_EXT_WERROR)
+    list(APPEND cuda_flags -Xcompiler=-Werror)
+  endif()
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${cuda_flags}>)
   # Static cudart: the module needs no libcudart.so and does not depend on torch's CUDA build.
   set_target_properties(${target} PROPERTIES CUDA_RUNTIME_LIBRARY Static

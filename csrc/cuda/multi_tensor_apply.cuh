@@ -136,6 +136,17 @@ __device__ LOTTERY_INLINE void vstore(T* dst, const T (&src)[N]) {
   }
 }
 
+// vload of base[i .. i+N) when HAS, else `fallback` everywhere (optional roles: masks, buffers).
+template <bool HAS, int N, typename T>
+__device__ LOTTERY_INLINE void vload_or(T (&dst)[N], const T* base, int i, T fallback) {
+  if constexpr (HAS) {
+    vload(dst, base + i);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) dst[k] = fallback;
+  }
+}
+
 template <int N>
 using Width = std::integral_constant<int, N>;
 

@@ -15,6 +15,7 @@ namespace {
 using detail::for_each_element;
 using detail::kVec;
 using detail::vload;
+using detail::vload_or;
 using detail::vstore;
 
 // Table roles: 0 param, 1 grad, 2 momentum buffer. Scalar: the tensor's `first` flag.
@@ -50,16 +51,13 @@ struct SgdFunctor {
       uint8_t keep[N];
       vload(pv, p + i);
       vload(gv, g + i);
-      if constexpr (HAS_BUF) vload(bv, buf + i);
-      if constexpr (HAS_MASK) vload(keep, mask + i);
+      vload_or<HAS_BUF>(bv, buf, i, T{});
+      vload_or<HAS_MASK>(keep, mask, i, uint8_t(1));
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         Op pk = load(pv[k]);
-        Op bk = Op(0);
-        if constexpr (HAS_BUF) bk = load(bv[k]);
-        bool kp = true;
-        if constexpr (HAS_MASK) kp = keep[k] != 0;
-        f(pk, load(gv[k]), bk, first, kp);
+        Op bk = HAS_BUF ? load(bv[k]) : Op(0);
+        f(pk, load(gv[k]), bk, first, keep[k] != 0);
         pv[k] = store<T>(pk);
         if constexpr (HAS_BUF) bv[k] = store<T>(bk);
       }
@@ -106,16 +104,13 @@ struct AdamFunctor {
       vload(gv, g + i);
       vload(mv, m + i);
       vload(vv, v + i);
-      if constexpr (AMSGRAD) vload(xv, vmax + i);
-      if constexpr (HAS_MASK) vload(keep, mask + i);
+      vload_or<AMSGRAD>(xv, vmax, i, T{});
+      vload_or<HAS_MASK>(keep, mask, i, uint8_t(1));
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         Op pk = load(pv[k]), mk = load(mv[k]), vk = load(vv[k]);
-        Op xk = Op(0);
-        if constexpr (AMSGRAD) xk = load(xv[k]);
-        bool kp = true;
-        if constexpr (HAS_MASK) kp = keep[k] != 0;
-        f.template update<AMSGRAD>(pk, load(gv[k]), mk, vk, xk, kp);
+        Op xk = AMSGRAD ? load(xv[k]) : Op(0);
+        f.template update<AMSGRAD>(pk, load(gv[k]), mk, vk, xk, keep[k] != 0);
         pv[k] = store<T>(pk);
         mv[k] = store<T>(mk);
         vv[k] = store<T>(vk);

@@ -42,7 +42,9 @@ def _cmd_find(args: argparse.Namespace) -> int:
     from .experiments.runner import Experiment, default_out_dir
 
     if args.preset not in PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}; `lottery-ext presets` lists them")
+        print(f"error: unknown preset {args.preset!r}; `lottery-ext presets` lists them",
+              file=sys.stderr)  # fmt: skip
+        return 2
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     overrides.update(optimizer=args.optimizer, scope=args.scope, device=args.device)
     if args.milestones is not None:

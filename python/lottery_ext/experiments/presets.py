@@ -35,6 +35,7 @@ class Preset:
     augment: bool = False
     dropout: float = 0.0
     controls: tuple[str, ...] = ("reinit", "random_prune")
+    threads: int | None = None  # None: torch's default (all cores)
     needs_data: str = ""  # what --data-dir must hold, "" if nothing
 
     def recipe(self) -> str:
@@ -76,6 +77,7 @@ PRESETS: dict[str, Preset] = {
             eval_every=100,
             rounds=5,
             trials=2,
+            threads=1,  # a model this small only loses time to thread synchronisation
         ),
         Preset(
             name="lenet300-mnist",
@@ -233,7 +235,14 @@ class RunConfig:
         for key in ("hidden", "milestones", "controls"):
             if base.get(key) is not None:
                 base[key] = list(base[key])
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if (
+            given.get("optimizer") == "momentum"
+            and "momentum" not in given
+            and not base["momentum"]
+        ):
+            given["momentum"] = 0.9  # asking for momentum SGD without a value means the usual 0.9
+        base.update(given)
         cfg = cls(**base)
         cfg.check()
         return cfg
@@ -258,6 +267,12 @@ class RunConfig:
             raise ValueError(f"unknown controls {sorted(unknown)}; use reinit, random_prune")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope must be layer or global, not {self.scope!r}")
+        for key in ("rate", "output_rate", "conv_rate"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {value}")
+        if self.optimizer == "momentum" and self.momentum <= 0:
+            raise ValueError("optimizer 'momentum' needs --momentum > 0 (or use --optimizer sgd)")
         if self.lr <= 0 or self.warmup < 0 or not 0 <= self.dropout < 1:
             raise ValueError("lr must be > 0, warmup >= 0 and dropout in [0, 1)")
 

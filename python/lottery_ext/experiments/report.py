@@ -140,10 +140,11 @@ def plot(run_dir: Path, rows: list[dict], curves: list[dict]) -> list[Path]:
         out.append(run_dir / fname)
 
     # test accuracy over training for a few levels of the ticket (mean over trials)
-    ticket = [c for c in curves if c["control"] == "ticket"]
+    remaining = {r["level"]: r["weights_remaining"] for r in rows if r["control"] == "ticket"}
+    # curves of levels whose result has not landed yet (a run in progress) are left out
+    ticket = [c for c in curves if c["control"] == "ticket" and c["level"] in remaining]
     levels = sorted({c["level"] for c in ticket})
     if levels:
-        remaining = {r["level"]: r["weights_remaining"] for r in rows if r["control"] == "ticket"}
         wanted = [1.0, 0.513, 0.211, 0.07, 0.036, 0.019]
         chosen = sorted({min(levels, key=lambda lv: abs(math.log(remaining[lv] / w)))
                          for w in wanted})  # fmt: skip

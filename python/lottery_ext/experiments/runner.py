@@ -59,12 +59,19 @@ def load_checkpoint(path: Path):
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file. A torn last line (a write cut short by a kill) is skipped;
+    a bad line elsewhere is an error."""
     if not path.exists():
         return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for i, line in enumerate(lines):
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({exc})") from exc
     return rows
 
 
@@ -351,13 +358,15 @@ class Experiment:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
-        self.run_dir.open(cfg)
+        # data first: a wrong --data-dir must not leave a run directory behind
         data = load_dataset(cfg.dataset, self.data_dir, val_size=cfg.val_size, seed=cfg.seed)
         self.data = data.to(self.device)
+        self.run_dir.open(cfg)
         done = self.run_dir.done()
         units = self._units()
         todo = [u for u in units if u not in done]
         if not todo:
+            (self.run_dir.state / "unit.pt").unlink(missing_ok=True)  # a kill after the last result
             self.log(f"{self.run_dir.path}: all {len(units)} levels already done")
             return self.run_dir.path
         from tqdm.auto import tqdm
@@ -403,7 +412,9 @@ class Experiment:
                 }
             if control == "random_prune":
                 masks = random_masks(cfg, masks, trial, level)
-            start = theta_k if (theta_k is not None and control != "reinit") else theta0
+            # tickets and random masks of later levels rewind to θk; the dense level starts at θ0
+            late = theta_k is not None and control != "reinit" and level > 0
+            start = theta_k if late else theta0
             capture_k = control == "ticket" and level == 0 and cfg.rewind_iteration > 0
             self._train_unit(trial, control, level, model, pruner, masks, start, theta0,
                              capture_k, theta_path, masks_path, bar)  # fmt: skip
