@@ -418,7 +418,7 @@ def test_set_mask_and_state_dict_on_cuda():
     sd = og.state_dict()
     pg2 = [p.detach().clone().requires_grad_() for p in pg]
     og2 = MaskedAdam(pg2, lr=1e-2, amsgrad=True)
-    og2.load_state_dict(sd)
+    og2.load_state_dict(copy.deepcopy(sd))  # torch shares same-device state tensors
     for p, q in zip(pg, pg2):
         p.grad = torch.randn_like(p)
         q.grad = p.grad.clone()

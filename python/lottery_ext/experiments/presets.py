@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=100,
             iterations=2_000,
             eval_every=100,
-            rounds=5,
+            rounds=8,
             trials=2,
             threads=1,  # a model this small only loses time to thread synchronisation
         ),
