@@ -53,8 +53,7 @@ function(lottery_add_cuda target)
   target_compile_definitions(${target} PRIVATE LOTTERY_EXT_WITH_CUDA)
   # --fmad=false: no contraction of a*b+c into FMA, like -ffp-contract=off for the CPU kernels,
   # so the CUDA updates round exactly like the CPU loops (the same lottery/math.h functors).
-  set(cuda_flags -O3 --fmad=false --expt-relaxed-constexpr --Werror=all-warnings
-                 -Xcompiler=-Wall,-Wextra)
+  set(cuda_flags -O3 --fmad=false --Werror=all-warnings -Xcompiler=-Wall,-Wextra)
   if(LOTTERY_EXT_WERROR)
     list(APPEND cuda_flags -Xcompiler=-Werror)
   endif()

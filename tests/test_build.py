@@ -178,3 +178,24 @@ def test_one_openmp_runtime_shared_with_torch(tmp_path):
     assert _gomp_paths(after) == torch_gomp
     assert len(_gomp_paths(after)) == 1
     assert any("_core" in line and "lottery_ext" in line for line in after.splitlines())
+
+
+def test_cuda_tensors_without_cuda_kernels_say_how_to_rebuild(monkeypatch):
+    from lottery_ext import _native, _ops
+
+    monkeypatch.setattr(_native, "cuda", False)
+    with pytest.raises(RuntimeError, match=r"LOTTERY_EXT_CUDA=ON pip install"):
+        _ops.uses_native(torch.device("cuda", 0))
+    # the pure-PyTorch path stays available for such tensors
+    with _ops.reference_backend():
+        assert not _ops.uses_native(torch.device("cuda", 0))
+
+
+def test_build_info_cuda_matches_the_compiled_module():
+    from lottery_ext import _native
+
+    info = lottery_ext.build_info()
+    assert info["cuda"] is _native.cuda
+    if info["cuda"]:
+        assert info["cuda_version"] and info["cuda_architectures"]
+        assert _native.cuda_max_histogram_bits >= 11  # the GPU radix passes use 11-bit digits

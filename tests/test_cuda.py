@@ -584,13 +584,13 @@ def test_quick_rewind_tensors_matches_cpu(dtype, per):
         (torch.rand(s, generator=g) < 0.6) if i % 3 != 1 else None for i, s in enumerate(shapes)
     ]
     states = [randn(s, dtype, g) for s in shapes for _ in range(per)]
-    results = {}
+    results = []
     for dev in (CPU, CUDA):
         p, s, m, st = (to_dev(x, dev) for x in (params, snaps, masks, states))
         offs = [offset_copy(t, 1) for t in p[:2]]  # misaligned params too
         ops.rewind_tensors(offs + p[2:], s, m, st)
-        results[dev.type] = offs + p[2:] + st
-    for i, (a, b) in enumerate(zip(results["cpu"], results["cuda"])):
+        results.append(offs + p[2:] + st)
+    for i, (a, b) in enumerate(zip(*results)):
         assert_same_bits(a, b, f"tensor {i}")
 
 
@@ -601,7 +601,7 @@ def test_rewind_model_and_optimizer_on_cuda(name):
     model = nn.Sequential(nn.Linear(20, 30), nn.BatchNorm1d(30), nn.ReLU(), nn.Linear(30, 5))
     # one set of masks for both devices (training differs in rounding between CPU and GPU)
     masks = {n: torch.rand(p.shape) < 0.6 for n, p in model.named_parameters() if p.dim() > 1}
-    runs = {}
+    runs = []
     for dev in (CPU, CUDA):
         m = copy.deepcopy(model).to(dev)
         snap = snapshot(m)
@@ -617,8 +617,8 @@ def test_rewind_model_and_optimizer_on_cuda(name):
             for key, buf in opt.state.get(p, {}).items():
                 if isinstance(buf, torch.Tensor):
                     assert torch.count_nonzero(buf) == 0, (k, key)  # buffers and step
-        runs[dev.type] = m
-    for (k, a), b in zip(runs["cpu"].state_dict().items(), runs["cuda"].state_dict().values()):
+        runs.append(m)
+    for (k, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
         assert same_bits(a, b) if a.is_floating_point() else torch.equal(a, b.cpu()), k
 
 

@@ -90,8 +90,8 @@ struct AdamFunctor {
   }
 
   template <bool HAS_MASK>
-  __device__ LOTTERY_INLINE void run(const AdamMath<Op>& f, T* p, const T* g, T* m, T* v,
-                                     T* vmax, const uint8_t* mask, int len) const {
+  __device__ LOTTERY_INLINE void run(const AdamMath<Op>& f, T* p, const T* g, T* m, T* v, T* vmax,
+                                     const uint8_t* mask, int len) const {
     constexpr int V = kVec<T>;
     const bool aligned = detail::aligned_to<16>(p) && detail::aligned_to<16>(g) &&
                          detail::aligned_to<16>(m) && detail::aligned_to<16>(v) &&
@@ -170,8 +170,8 @@ void sgd_step(DType dtype, size_t n, void* const* params, const void* const* gra
       meta.scalars[slot] = first[t] != 0 ? 1 : 0;
     };
     if (has_buf)
-      detail::multi_tensor_apply<3, uint8_t>("sgd_step", n, numels, SgdFunctor<T, true>{math},
-                                             fill, s);
+      detail::multi_tensor_apply<3, uint8_t>("sgd_step", n, numels, SgdFunctor<T, true>{math}, fill,
+                                             s);
     else
       detail::multi_tensor_apply<3, uint8_t>("sgd_step", n, numels, SgdFunctor<T, false>{math},
                                              fill, s);
@@ -206,11 +206,11 @@ void adam_step(DType dtype, size_t n, void* const* params, const void* const* gr
       meta.scalars[slot] = fs[t];
     };
     if (a.amsgrad)
-      detail::multi_tensor_apply<5, AdamMath<Op>>("adam_step", n, numels,
-                                                  AdamFunctor<T, true>{}, fill, s);
+      detail::multi_tensor_apply<5, AdamMath<Op>>("adam_step", n, numels, AdamFunctor<T, true>{},
+                                                  fill, s);
     else
-      detail::multi_tensor_apply<5, AdamMath<Op>>("adam_step", n, numels,
-                                                  AdamFunctor<T, false>{}, fill, s);
+      detail::multi_tensor_apply<5, AdamMath<Op>>("adam_step", n, numels, AdamFunctor<T, false>{},
+                                                  fill, s);
   });
 }
 
@@ -233,8 +233,8 @@ void apply_mask(DType dtype, size_t n, void* const* tensors, const uint8_t* cons
       meta.ptrs[0][slot] = tensors[t];
       meta.masks[slot] = masks[t];
     };
-    detail::multi_tensor_apply<1, detail::NoScalar>("apply_mask", n, todo.data(),
-                                                    MaskFunctor<T>{}, fill, s);
+    detail::multi_tensor_apply<1, detail::NoScalar>("apply_mask", n, todo.data(), MaskFunctor<T>{},
+                                                    fill, s);
   });
 }
 

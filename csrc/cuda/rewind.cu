@@ -80,8 +80,8 @@ void rewind(DType dtype, size_t n, void* const* params, const void* const* snaps
   if (n == 0) return;
   const detail::DeviceGuard guard(device);
   const auto s = static_cast<cudaStream_t>(stream);
-  const size_t fused = states_per_tensor < size_t(kFusedStates) ? states_per_tensor
-                                                                 : size_t(kFusedStates);
+  const size_t fused =
+      states_per_tensor < size_t(kFusedStates) ? states_per_tensor : size_t(kFusedStates);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto fill = [&](auto& meta, int slot, size_t t) {

@@ -8,12 +8,13 @@
 // order of the concatenation. Each launch carries a table of up to ~80-96 tensors by value
 // (under 4 KB of parameters) with the first tile of each tensor; longer lists take several
 // launches. 64-bit element offsets throughout (tiles index 32-bit within a launch).
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstring>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -55,16 +56,16 @@ __device__ LOTTERY_INLINE uint64_t key_of(T x) {
 // histograms
 
 constexpr int kHistThreads = 512;
-constexpr int64_t kHistTile = 16384;      // elements per tile
-constexpr int kHistMaxTensors = 80;       // tensors per launch (parameter budget)
+constexpr int64_t kHistTile = 16384;                  // elements per tile
+constexpr int kHistMaxTensors = 80;                   // tensors per launch (parameter budget)
 constexpr uint32_t kHistMaxTilesPerBlock = 1u << 17;  // 2^31 elements: uint32 bins never wrap
 
 struct HistMeta {
   const void* x[kHistMaxTensors];
   const uint8_t* mask[kHistMaxTensors];
   int64_t numel[kHistMaxTensors];
-  uint64_t prefix[kHistMaxTensors];  // the prefix this tensor's keys must match
-  int64_t* row[kHistMaxTensors];     // the histogram this tensor counts into
+  uint64_t prefix[kHistMaxTensors];          // the prefix this tensor's keys must match
+  int64_t* row[kHistMaxTensors];             // the histogram this tensor counts into
   uint32_t tile_begin[kHistMaxTensors + 1];  // first tile of each tensor; [n]: tiles in total
   int n;
 };
@@ -83,6 +84,22 @@ __device__ LOTTERY_INLINE void flush(uint32_t* sh, int row_len, int64_t* row) {
   __syncthreads();
 }
 
+constexpr uint32_t kNoBin = 0xFFFFFFFFu;
+
+// ++sh[bin] (nothing for kNoBin). When every converged lane of the warp has the same bin (ties:
+// the zeros of pruned weights, a constant tensor...), one lane adds them all: one shared atomic
+// instead of a 32-way conflict on one address.
+__device__ LOTTERY_INLINE void count_bin(uint32_t* sh, uint32_t bin) {
+  namespace cg = cooperative_groups;
+  const cg::coalesced_group g = cg::coalesced_threads();
+  const uint32_t first = g.shfl(bin, 0);
+  if (g.all(bin == first)) {
+    if (g.thread_rank() == 0 && first != kNoBin) atomicAdd(&sh[first], g.size());
+  } else if (bin != kNoBin) {
+    atomicAdd(&sh[bin], 1u);
+  }
+}
+
 template <typename T, bool HAS_MASK>
 __device__ LOTTERY_INLINE void histogram_tile(const T* x, const uint8_t* mask, int len,
                                               const DigitPass& pass, uint32_t* sh, int bins) {
@@ -97,10 +114,10 @@ __device__ LOTTERY_INLINE void histogram_tile(const T* x, const uint8_t* mask, i
     vload_or<HAS_MASK>(keep, mask, i, uint8_t(1));
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      if (!keep[k]) continue;
       const uint64_t key = key_of(xv[k]);
-      if (key > uint64_t(K::kInf)) atomicAdd(&sh[bins], 1u);  // NaN candidate
-      if (pass.matches(key)) atomicAdd(&sh[pass.digit(key)], 1u);
+      const bool cand = keep[k] != 0;
+      if (cand && key > uint64_t(K::kInf)) atomicAdd(&sh[bins], 1u);  // NaN candidate
+      count_bin(sh, cand && pass.matches(key) ? uint32_t(pass.digit(key)) : kNoBin);
     }
   });
 }
@@ -162,8 +179,8 @@ void launch_histograms(const char* name, size_t n, const void* const* tensors,
   const int row_len = (1 << pass.bits) + 1;
   const size_t smem = size_t(row_len) * sizeof(uint32_t);
   int per_sm = 0;
-  detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                    &per_sm, histogram_kernel<T, BATCHED>, kHistThreads, smem),
+  detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, histogram_kernel<T, BATCHED>,
+                                                              kHistThreads, smem),
                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const uint64_t resident = uint64_t(detail::sm_count(device)) * uint64_t(std::max(per_sm, 1));
 
@@ -236,8 +253,7 @@ __device__ LOTTERY_INLINE TileRef tile_ref(const MaskMeta& meta) {
 // counts[tile_base + b] = candidates with key == t_key in tile b.
 template <typename T>
 __global__ void __launch_bounds__(kMaskThreads)
-    tie_count_kernel(const __grid_constant__ MaskMeta meta, const uint64_t t_key,
-                     int64_t* counts) {
+    tie_count_kernel(const __grid_constant__ MaskMeta meta, const uint64_t t_key, int64_t* counts) {
   constexpr int V = kVec<T>;
   const TileRef r = tile_ref(meta);
   const T* x = static_cast<const T*>(meta.x[r.slot]) + r.start;
@@ -317,8 +333,8 @@ __device__ LOTTERY_INLINE void write_uniform(const T* x, const uint8_t* old, uin
 // The tile that holds the ties_to_prune-th tie: each thread takes V consecutive elements per
 // round (blocked order), a block scan gives the ties before each thread in flat order.
 template <typename T>
-__device__ LOTTERY_INLINE void write_scanned(const T* x, const uint8_t* old, uint8_t* out,
-                                             int len, const ThresholdRule rule, int64_t seen0,
+__device__ LOTTERY_INLINE void write_scanned(const T* x, const uint8_t* old, uint8_t* out, int len,
+                                             const ThresholdRule rule, int64_t seen0,
                                              int64_t ties_to_prune) {
   constexpr int V = kVec<T>;
   using Scan = cub::BlockScan<int, kMaskThreads>;
@@ -406,8 +422,7 @@ __global__ void __launch_bounds__(kMaskThreads)
 
 // Tables of the launches covering the list, in flat order; returns the number of tiles.
 int64_t plan_masks(size_t n, const void* const* tensors, const uint8_t* const* old_masks,
-                   uint8_t* const* out_masks, const int64_t* numels,
-                   std::vector<MaskMeta>& metas) {
+                   uint8_t* const* out_masks, const int64_t* numels, std::vector<MaskMeta>& metas) {
   constexpr uint64_t kMaxTiles = uint64_t(1) << 30;  // per launch: gridDim.x and 32-bit tiles
   int64_t total = 0;
   MaskMeta* m = nullptr;
@@ -516,8 +531,8 @@ void threshold_mask(DType dtype, size_t n, const void* const* tensors,
       detail::check_launch("threshold_mask/exclusive_scan");
     }
     for (const MaskMeta& m : metas) {
-      threshold_mask_kernel<T><<<m.tile_begin[m.n], kMaskThreads, 0, s>>>(m, t_key, ties_to_prune,
-                                                                          scan);
+      threshold_mask_kernel<T>
+          <<<m.tile_begin[m.n], kMaskThreads, 0, s>>>(m, t_key, ties_to_prune, scan);
       detail::check_launch("threshold_mask/write");
     }
   });

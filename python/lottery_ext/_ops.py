@@ -33,8 +33,33 @@ def reference_backend() -> Iterator[None]:
 
 
 def uses_native(device: torch.device) -> bool:
-    """Whether ops on `device` run on compiled kernels (else on ``_reference``)."""
-    return _native.core is not None and not _force_reference and device.type == "cpu"
+    """Whether ops on `device` run on compiled kernels (else on ``_reference``).
+
+    CUDA tensors need a build with CUDA kernels: with a CPU-only build they raise (rather
+    than silently running the slow reference), saying how to rebuild."""
+    if _native.core is None or _force_reference:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        if not _native.cuda:
+            raise RuntimeError(
+                "lottery_ext was built without CUDA kernels but got CUDA tensors. Rebuild with a "
+                "CUDA compiler on PATH: `LOTTERY_EXT_CUDA=ON pip install --no-build-isolation "
+                "--force-reinstall .` (or run on the pure-PyTorch path inside "
+                "`lottery_ext.ops.reference_backend()`)"
+            )
+        return True
+    return False
+
+
+def _where(device: torch.device) -> tuple[int, int]:
+    """(device index, stream) arguments of the core: (-1, 0) on the CPU; on CUDA the
+    tensors' device and the caller's current stream on it."""
+    if device.type == "cpu":
+        return -1, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
 
 
 def _ptrs(tensors: Sequence[Tensor | None]) -> list[int]:
@@ -60,7 +85,7 @@ def _launch_sgd_step(
             _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads),
             _ptrs(momentum_buffers) if momentum != 0 else [0] * len(params), _ptrs(masks),
             _numels(params), [bool(f) for f in first], lr, momentum, dampening, weight_decay,
-            nesterov, maximize, torch.get_num_threads(),
+            nesterov, maximize, torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
     else:
         _reference.sgd_step_(
@@ -80,7 +105,7 @@ def _launch_adam_step(
             _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads), _ptrs(exp_avgs),
             _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs) if amsgrad else [], _ptrs(masks),
             _numels(params), _ptrs(steps), lr, beta1, beta2, eps, weight_decay, amsgrad,
-            maximize, decoupled, torch.get_num_threads(),
+            maximize, decoupled, torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
     else:
         _reference.adam_step_(
@@ -96,7 +121,7 @@ def _launch_apply_mask(tensors, masks) -> None:
     if uses_native(tensors[0].device):
         _native.core.apply_mask(
             _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
-            _numels(tensors), torch.get_num_threads(),
+            _numels(tensors), torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
     else:
         _reference.apply_mask_(tensors, masks)
@@ -104,21 +129,28 @@ def _launch_apply_mask(tensors, masks) -> None:
 
 def _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist) -> None:
     if uses_native(tensors[0].device):
-        nans = _native.core.magnitude_histogram(
+        _native.core.magnitude_histogram(
             _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
             _numels(tensors), shift, bits, prefix, prefix_mask, hist.data_ptr(),
-            torch.get_num_threads(),
+            torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
-        hist[-1] += nans
     else:
         _reference.magnitude_histogram_(tensors, masks, shift, bits, prefix, prefix_mask, hist)
 
 
 def _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
-    if uses_native(tensors[0].device):
+    device = tensors[0].device
+    if uses_native(device):
+        numels = _numels(tensors)
+        scratch, nbytes = None, 0
+        if device.type == "cuda" and ties_to_prune:  # tie ranks: device scratch owned by torch
+            nbytes = _native.core.threshold_mask_scratch_bytes(numels)
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=device)
         _native.core.threshold_mask(
             _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(old_masks),
-            _ptrs(out_masks), _numels(tensors), t_key, ties_to_prune, torch.get_num_threads(),
+            _ptrs(out_masks), numels, t_key, ties_to_prune,
+            0 if scratch is None else scratch.data_ptr(), nbytes, torch.get_num_threads(),
+            *_where(device),
         )  # fmt: skip
     else:
         _reference.threshold_mask_(tensors, old_masks, out_masks, t_key, ties_to_prune)
@@ -133,7 +165,7 @@ def _launch_rewind(params, snapshots, masks, states) -> None:
         _native.core.rewind(
             _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(snapshots),
             _ptrs(masks), [x for st in states for x in _ptrs(st)], per, _numels(params),
-            torch.get_num_threads(),
+            torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
     else:
         present = [[b for b in st if b is not None] for st in states]

@@ -187,8 +187,13 @@ def histogram(
     dtype = like.dtype
     if not isinstance(hist, torch.Tensor) or hist.dtype != torch.int64:
         raise TypeError("hist: expected an int64 torch.Tensor")
-    if not (1 <= bits <= 16):
-        raise ValueError(f"bits must be in [1, 16], got {bits}")
+    max_bits = 16
+    if like.device.type == "cuda":
+        from . import _native
+
+        max_bits = _native.cuda_max_histogram_bits or 16
+    if not (1 <= bits <= max_bits):
+        raise ValueError(f"bits must be in [1, {max_bits}] on {like.device.type}, got {bits}")
     if hist.device != like.device or not hist.is_contiguous() or hist.numel() != (1 << bits) + 1:
         raise ValueError(
             f"hist: expected a contiguous tensor of {(1 << bits) + 1} entries on {like.device}"

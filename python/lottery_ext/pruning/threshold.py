@@ -20,13 +20,25 @@ from .. import _ops, _validate
 
 Tensor = torch.Tensor
 
-# (shift, bits) of each radix pass, most significant digit first.
+# (shift, bits) of each radix pass, most significant digit first. The CPU takes 16-bit digits
+# (per-thread histograms of 64K bins, L2-resident); the GPU keeps its histograms in shared
+# memory, so digits of at most 11 bits.
 PASSES = {
     torch.float32: ((15, 16), (0, 15)),
     torch.float64: ((47, 16), (31, 16), (15, 16), (0, 15)),
     torch.float16: ((0, 15),),
     torch.bfloat16: ((0, 15),),
 }
+GPU_PASSES = {
+    torch.float32: ((20, 11), (10, 10), (0, 10)),
+    torch.float64: ((52, 11), (41, 11), (30, 11), (20, 10), (10, 10), (0, 10)),
+    torch.float16: ((4, 11), (0, 4)),
+    torch.bfloat16: ((4, 11), (0, 4)),
+}
+
+
+def passes(dtype: torch.dtype, device: torch.device) -> tuple[tuple[int, int], ...]:
+    return GPU_PASSES[dtype] if device.type == "cuda" else PASSES[dtype]
 
 
 def key_to_float(key: int, dtype: torch.dtype) -> float:
@@ -59,7 +71,7 @@ def select_key(tensors: list[Tensor], masks: list[Tensor | None], k: int) -> tup
     Inputs must be validated (``_ops._check_candidates``)."""
     dtype, device = tensors[0].dtype, tensors[0].device
     prefix = prefix_mask = below = 0
-    for i, (shift, bits) in enumerate(PASSES[dtype]):
+    for i, (shift, bits) in enumerate(passes(dtype, device)):
         hist = torch.zeros((1 << bits) + 1, dtype=torch.int64, device=device)
         _ops._launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
         counts = hist[:-1]
