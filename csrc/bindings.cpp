@@ -107,8 +107,8 @@ void adam_step(int dtype, const Ptrs& params, const Ptrs& grads, const Ptrs& exp
       });
 }
 
-void apply_mask(int dtype, const Ptrs& tensors, const Ptrs& masks, const Sizes& numels,
-                int threads, int device, uintptr_t stream) {
+void apply_mask(int dtype, const Ptrs& tensors, const Ptrs& masks, const Sizes& numels, int threads,
+                int device, uintptr_t stream) {
   const size_t n = tensors.size();
   same_length(n, {masks.size(), numels.size()});
   auto t = as<void*>(tensors);
@@ -128,8 +128,8 @@ void apply_mask(int dtype, const Ptrs& tensors, const Ptrs& masks, const Sizes& 
 // Adds digit counts into hist[0 .. 2^bits) and the NaN count into hist[2^bits] (int64, on the
 // tensors' device).
 void magnitude_histogram(int dtype, const Ptrs& tensors, const Ptrs& masks, const Sizes& numels,
-                         int shift, int bits, uint64_t prefix, uint64_t prefix_mask,
-                         uintptr_t hist, int threads, int device, uintptr_t stream) {
+                         int shift, int bits, uint64_t prefix, uint64_t prefix_mask, uintptr_t hist,
+                         int threads, int device, uintptr_t stream) {
   const size_t n = tensors.size();
   same_length(n, {masks.size(), numels.size()});
   auto t = as<const void*>(tensors);
@@ -180,8 +180,8 @@ void threshold_mask(int dtype, const Ptrs& tensors, const Ptrs& old_masks, const
       },
       [&]([[maybe_unused]] void* s) {
 #ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::threshold_mask(dt, n, t.data(), old.data(), out.data(), numels.data(),
-                                      t_key, ties_to_prune, reinterpret_cast<void*>(scratch),
+        lottery::cuda::threshold_mask(dt, n, t.data(), old.data(), out.data(), numels.data(), t_key,
+                                      ties_to_prune, reinterpret_cast<void*>(scratch),
                                       scratch_bytes, device, s);
 #endif
       });
@@ -189,8 +189,8 @@ void threshold_mask(int dtype, const Ptrs& tensors, const Ptrs& old_masks, const
 
 // states: n * states_per_tensor pointers (0 = absent), tensor-major.
 void rewind_tensors(int dtype, const Ptrs& params, const Ptrs& snapshots, const Ptrs& masks,
-                    const Ptrs& states, size_t states_per_tensor, const Sizes& numels,
-                    int threads, int device, uintptr_t stream) {
+                    const Ptrs& states, size_t states_per_tensor, const Sizes& numels, int threads,
+                    int device, uintptr_t stream) {
   const size_t n = params.size();
   same_length(n, {snapshots.size(), masks.size(), numels.size()});
   if (states.size() != n * states_per_tensor)
