@@ -152,6 +152,40 @@ void magnitude_histogram(int dtype, const Ptrs& tensors, const Ptrs& masks, cons
       });
 }
 
+// Per-tensor histograms in one call: tensor i matches its own prefixes[i] and counts into row i
+// of `hist` (n rows of 2^bits + 1 int64, last entry of a row = its NaN count). On the GPU this
+// is one launch for all tensors (per-layer thresholds); on the CPU each tensor is one threaded
+// pass.
+void magnitude_histogram_batched(int dtype, const Ptrs& tensors, const Ptrs& masks,
+                                 const Sizes& numels, int shift, int bits,
+                                 const std::vector<uint64_t>& prefixes, uint64_t prefix_mask,
+                                 uintptr_t hist, int threads, int device, uintptr_t stream) {
+  const size_t n = tensors.size();
+  same_length(n, {masks.size(), numels.size(), prefixes.size()});
+  auto t = as<const void*>(tensors);
+  auto m = as<const uint8_t*>(masks);
+  auto* h = reinterpret_cast<int64_t*>(hist);
+  const int64_t row = (int64_t(1) << bits) + 1;
+  const auto dt = lottery::DType(dtype);
+  py::gil_scoped_release nogil;
+  on_device(
+      device, stream,
+      [&] {
+        for (size_t i = 0; i < n; ++i) {
+          const lottery::DigitPass pass{shift, bits, prefixes[i], prefix_mask};
+          lottery::cpu::magnitude_histogram(dt, 1, &t[i], &m[i], &numels[i], pass, h + i * row,
+                                            h + i * row + row - 1, threads);
+        }
+      },
+      [&]([[maybe_unused]] void* s) {
+#ifdef LOTTERY_EXT_WITH_CUDA
+        lottery::cuda::magnitude_histogram_batched(dt, n, t.data(), m.data(), numels.data(), shift,
+                                                   bits, prefixes.data(), prefix_mask, h, device,
+                                                   s);
+#endif
+      });
+}
+
 size_t threshold_mask_scratch_bytes([[maybe_unused]] const Sizes& numels) {
 #ifdef LOTTERY_EXT_WITH_CUDA
   return lottery::cuda::threshold_mask_scratch_bytes(numels.size(), numels.data());
@@ -245,6 +279,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("adam_step", &adam_step);
   m.def("apply_mask", &apply_mask);
   m.def("magnitude_histogram", &magnitude_histogram);
+  m.def("magnitude_histogram_batched", &magnitude_histogram_batched);
   m.def("threshold_mask_scratch_bytes", &threshold_mask_scratch_bytes);
   m.def("threshold_mask", &threshold_mask);
   m.def("rewind", &rewind_tensors);

@@ -7,6 +7,7 @@ magnitudes in flat memory order for the exact-count masks."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -938,3 +939,29 @@ def test_kth_op_is_non_differentiable_for_parameters():
     assert not out.requires_grad
     assert out.item() == torch.kthvalue(p.detach().abs().flatten(), 3).values.item()
     torch.library.opcheck(torch.ops.lottery_ext.kth_smallest_magnitude, ([p], 3, [None]))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_prune_smallest_each_matches_one_tensor_at_a_time(dtype):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(17, 9), (1,), (0,), (40,), (6, 5, 4)]
+    tensors = [torch.randint(-4, 5, s, generator=g).to(dtype) for s in shapes]  # heavy ties
+    masks = [None, None, None, torch.rand(40, generator=g) < 0.6, torch.rand(6, 5, 4) < 0.5]
+    counts = [50, 0, 0, 7, 30]
+    expected = [prune_smallest(t, c, m)[0] for t, c, m in zip(tensors, counts, masks)]
+    for backend in (contextlib.nullcontext, _ops.reference_backend):
+        with backend():
+            got = lottery_ext.prune_smallest_each(tensors, counts, masks)
+        for e, o in zip(expected, got):
+            assert torch.equal(e, o)
+
+
+def test_prune_smallest_each_errors_name_the_tensor():
+    a, b = torch.randn(5), torch.randn(4)
+    b[2] = float("nan")
+    with pytest.raises(ValueError, match=r"tensors\[1\].*NaN"):
+        lottery_ext.prune_smallest_each([a, b], [1, 1])
+    with pytest.raises(ValueError, match=r"tensors\[0\].*k=6 is out of range"):
+        lottery_ext.prune_smallest_each([a, torch.randn(4)], [6, 1])
+    with pytest.raises(ValueError, match="2 counts for 1 tensors"):
+        lottery_ext.prune_smallest_each([a], [1, 1])

@@ -138,6 +138,19 @@ def _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask
         _reference.magnitude_histogram_(tensors, masks, shift, bits, prefix, prefix_mask, hist)
 
 
+def _launch_magnitude_histogram_batched(tensors, masks, shift, bits, prefixes, prefix_mask, hist):
+    """Row i of `hist` (n x (2**bits + 1)) gets tensor i's histogram for its own prefix."""
+    if uses_native(tensors[0].device):
+        _native.core.magnitude_histogram_batched(
+            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
+            _numels(tensors), shift, bits, list(prefixes), prefix_mask, hist.data_ptr(),
+            torch.get_num_threads(), *_where(tensors[0].device),
+        )  # fmt: skip
+    else:
+        for i, (t, m, prefix) in enumerate(zip(tensors, masks, prefixes)):
+            _reference.magnitude_histogram_([t], [m], shift, bits, prefix, prefix_mask, hist[i])
+
+
 def _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
     device = tensors[0].device
     if uses_native(device):

@@ -2,13 +2,14 @@
 
 from .pruner import MagnitudePruner
 from .rewind import Snapshot, reinitialize, rewind, snapshot
-from .threshold import kth_smallest_magnitude, prune_smallest
+from .threshold import kth_smallest_magnitude, prune_smallest, prune_smallest_each
 
 __all__ = [
     "MagnitudePruner",
     "Snapshot",
     "kth_smallest_magnitude",
     "prune_smallest",
+    "prune_smallest_each",
     "reinitialize",
     "rewind",
     "snapshot",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import _ops, _validate
-from .threshold import prune_smallest
+from .threshold import prune_smallest, prune_smallest_each
 
 Tensor = torch.Tensor
 
@@ -143,9 +143,15 @@ class MagnitudePruner:
     def _magnitude_round(self) -> dict[str, Tensor]:
         new = {}
         if self.scope == "layer":
-            for name, count in self._counts().items():
-                p = self.targets[name].detach()
-                new[name] = prune_smallest(p, count, self._masks[name])[0]
+            counts = self._counts()
+            groups: dict[tuple, list[str]] = {}
+            for name, p in self.targets.items():
+                groups.setdefault((p.device, p.dtype), []).append(name)
+            for names in groups.values():  # each layer its own threshold, selected together
+                tensors = [self.targets[n].detach() for n in names]
+                masks = prune_smallest_each(tensors, [counts[n] for n in names],
+                                            [self._masks[n] for n in names])  # fmt: skip
+                new.update(zip(names, masks))
             return new
         pool = self._global_pool()
         remaining = sum(int(self._masks[n].sum()) for n in pool)

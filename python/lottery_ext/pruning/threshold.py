@@ -90,6 +90,65 @@ def select_key(tensors: list[Tensor], masks: list[Tensor | None], k: int) -> tup
     return prefix, below
 
 
+def select_keys(
+    tensors: list[Tensor], masks: list[Tensor | None], ks: list[int]
+) -> list[tuple[int, int]]:
+    """Per tensor i, on its own: (key of its ks[i]-th smallest candidate magnitude, number of
+    its candidates below that key). One batched histogram per radix pass for all tensors (one
+    GPU launch each). Inputs must be validated (``_ops._check_candidates``)."""
+    n = len(tensors)
+    dtype, device = tensors[0].dtype, tensors[0].device
+    prefixes, below, prefix_mask = [0] * n, [0] * n, 0
+    for i, (shift, bits) in enumerate(passes(dtype, device)):
+        hist = torch.zeros(n, (1 << bits) + 1, dtype=torch.int64, device=device)
+        _ops._launch_magnitude_histogram_batched(
+            tensors, masks, shift, bits, prefixes, prefix_mask, hist
+        )
+        counts = hist[:, :-1]
+        if i == 0:
+            nans, totals = hist[:, -1].tolist(), counts.sum(1).tolist()
+            for j, (nan, total, k) in enumerate(zip(nans, totals, ks)):
+                if nan:
+                    raise ValueError(f"tensors[{j}]: {nan} NaN value(s); no threshold exists")
+                if not 1 <= k <= total:
+                    raise ValueError(f"tensors[{j}]: k={k} is out of range: {total} candidates")
+        cum = counts.cumsum(1)
+        target = torch.tensor([k - b for k, b in zip(ks, below)], device=device).unsqueeze(1)
+        digits = torch.searchsorted(cum, target).squeeze(1)
+        prev = cum.gather(1, (digits - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        prev = torch.where(digits > 0, prev, 0)
+        for j, (d, p) in enumerate(zip(digits.tolist(), prev.tolist())):
+            below[j] += p
+            prefixes[j] |= d << shift
+        prefix_mask |= ((1 << bits) - 1) << shift
+    return list(zip(prefixes, below))
+
+
+def prune_smallest_each(
+    tensors: Sequence[Tensor], counts: Sequence[int], masks: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """``prune_smallest`` applied to every tensor on its own (each its own count: per-layer
+    pruning), with the thresholds of all tensors selected together (batched histograms)."""
+    tensors = _as_list(tensors)
+    masks = _as_masks(masks, len(tensors))
+    _ops._check_candidates(tensors, masks, "prune_smallest_each")
+    counts = [_check_k(c, "count") for c in counts]
+    if len(counts) != len(tensors):
+        raise ValueError(f"{len(counts)} counts for {len(tensors)} tensors")
+    out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
+    todo = [i for i, c in enumerate(counts) if c > 0]
+    for i in set(range(len(tensors))) - set(todo):
+        out[i].copy_(True if masks[i] is None else masks[i])
+    if todo:
+        keys = select_keys([tensors[i] for i in todo], [masks[i] for i in todo],
+                           [counts[i] for i in todo])  # fmt: skip
+        with torch.no_grad():
+            for i, (key, below) in zip(todo, keys):
+                _ops._launch_threshold_mask([tensors[i]], [masks[i]], [out[i]], key,
+                                            counts[i] - below)  # fmt: skip
+    return out
+
+
 def _check_k(k: object, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
@@ -136,5 +195,11 @@ def prune_smallest(
     return out
 
 
-__all__ = ["kth_smallest_magnitude", "prune_smallest", "count_candidates", "key_to_float"]
+__all__ = [
+    "kth_smallest_magnitude",
+    "prune_smallest",
+    "prune_smallest_each",
+    "count_candidates",
+    "key_to_float",
+]
 _ = _validate  # the checks live in _validate, reached through _ops._check_candidates
