@@ -82,15 +82,25 @@ class MaskedOptimizer:
 
     def _store_mask(self, param: Tensor, mask: Tensor, name: str | None = None) -> Tensor:
         """Validate and keep a copy of `mask` in the parameter's memory layout, without
-        touching the parameter (for callers that zero it themselves, like rewind)."""
+        touching the parameter (for callers that zero it themselves, like rewind). Reuses the
+        previous copy's memory: no allocation (and no page faults) when masks are re-set."""
         _validate.mask(mask, param, name or self._name(param))
-        stored = torch.empty_like(param, dtype=torch.bool)
+        stored = self._masks.get(param)
+        if stored is mask:
+            return stored
+        if (
+            stored is None
+            or stored.shape != param.shape
+            or not _validate.same_layout(stored, param)
+        ):
+            stored = torch.empty_like(param, dtype=torch.bool)
         stored.copy_(mask)
         self._masks[param] = stored
         return stored
 
     def get_mask(self, param: Tensor) -> Tensor | None:
-        """The mask set for `param` (the optimizer's own copy), or None."""
+        """The mask set for `param` (the optimizer's own copy, updated in place by later
+        ``set_mask`` calls), or None."""
         self._name(param)
         return self._masks.get(param)
 

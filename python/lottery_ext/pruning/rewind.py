@@ -63,13 +63,14 @@ def _resolve_masks(model: torch.nn.Module, masks) -> dict[str, Tensor]:
     """name -> mask from a mapping keyed by names or by parameter tensors."""
     if masks is None:
         return {}
+    names = {n for n, _ in model.named_parameters()}
     by_id = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for key, m in masks.items():
         name = by_id.get(id(key)) if isinstance(key, Tensor) else key
-        if name is None or (isinstance(key, str) and name not in dict(model.named_parameters())):
-            raise ValueError(f"mask key {key if isinstance(key, str) else 'tensor'} is not a "
-                             "parameter of the model")  # fmt: skip
+        if name is None or name not in names:
+            what = key if isinstance(key, str) else f"tensor of shape {tuple(key.shape)}"
+            raise ValueError(f"mask key {what} is not a parameter of the model")
         out[name] = m
     return out
 
