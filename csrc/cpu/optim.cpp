@@ -3,8 +3,8 @@
 #include <cmath>
 #include <vector>
 
-#include "dispatch.h"
 #include "lottery/api.h"
+#include "lottery/dispatch.h"
 #include "lottery/math.h"
 #include "parallel.h"
 

@@ -1,7 +1,7 @@
 // CPU launcher for the fused rewind: parameters back to their snapshot (pruned ones to 0) and
 // optimizer state buffers zeroed, in one pass over each tensor's elements.
-#include "dispatch.h"
 #include "lottery/api.h"
+#include "lottery/dispatch.h"
 #include "lottery/math.h"
 #include "parallel.h"
 

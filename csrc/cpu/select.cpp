@@ -4,8 +4,8 @@
 
 #include <vector>
 
-#include "dispatch.h"
 #include "lottery/api.h"
+#include "lottery/dispatch.h"
 #include "parallel.h"
 
 namespace lottery::cpu {

@@ -21,6 +21,7 @@
 #include <string>
 #include <type_traits>
 
+#include "lottery/dispatch.h"
 #include "lottery/dtype.h"
 #include "lottery/macros.h"
 
@@ -78,23 +79,8 @@ inline int sm_count(int device) {
   return sms > 0 ? sms : 1;
 }
 
-// ---------------------------------------------------------------------------------------------
-// dtype dispatch (the codes of lottery/dtype.h)
-
-template <class F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32:
-      return f(float{});
-    case DType::Float64:
-      return f(double{});
-    case DType::Float16:
-      return f(half_t{});
-    case DType::BFloat16:
-      return f(bfloat16_t{});
-  }
-  throw std::invalid_argument("lottery_ext: unknown dtype code");
-}
+// dtype dispatch: lottery::dispatch_dtype (lottery/dispatch.h), shared with the CPU launchers.
+using lottery::dispatch_dtype;
 
 // ---------------------------------------------------------------------------------------------
 // vector memory access

@@ -1,11 +1,11 @@
-// dtype code -> C++ storage type, for the CPU launchers.
+// dtype code -> C++ storage type: the host-side dispatch of both launchers (CPU and CUDA).
 #pragma once
 
 #include <stdexcept>
 
 #include "lottery/dtype.h"
 
-namespace lottery::cpu {
+namespace lottery {
 
 template <class F>
 void dispatch_dtype(DType dtype, F&& f) {
@@ -23,4 +23,4 @@ void dispatch_dtype(DType dtype, F&& f) {
   throw std::invalid_argument("lottery_ext: unknown dtype code");
 }
 
-}  // namespace lottery::cpu
+}  // namespace lottery
