@@ -195,11 +195,7 @@ def _check_group(kind: str, params: Sequence[Tensor], grads, states, masks) -> N
         _validate.step_inputs(
             f"params[{i}]", p, grads[i], tuple((k, s[i]) for k, s in states.items()), masks[i]
         )
-        if p.device != params[0].device or p.dtype != params[0].dtype:
-            raise ValueError(
-                f"{kind}: params[{i}] is {p.dtype} on {p.device} but params[0] is "
-                f"{params[0].dtype} on {params[0].device}; one call takes one device and dtype"
-            )
+        _validate.one_device_dtype(p, params[0], kind, f"params[{i}]", "params[0]")
 
 
 def sgd_step(
@@ -276,11 +272,7 @@ def apply_mask(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         _validate.param(t, name)
         _validate.mask(m, t, name)
         _validate.like_layout(m, t, f"mask for {name}")
-        if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
-            raise ValueError(
-                f"apply_mask: {name} is {t.dtype} on {t.device} but tensors[0] is "
-                f"{tensors[0].dtype} on {tensors[0].device}; one call takes one device and dtype"
-            )
+        _validate.one_device_dtype(t, tensors[0], "apply_mask", name, "tensors[0]")
     with torch.no_grad():
         _launch_apply_mask(tensors, masks)
 
@@ -368,11 +360,7 @@ def rewind_tensors(
             _validate.like_layout(masks[i], p, f"mask for {name}")
         for s in states[i * per : (i + 1) * per]:
             _validate.like(s, p, "optimizer state", name)
-        if p.device != params[0].device or p.dtype != params[0].dtype:
-            raise ValueError(
-                f"rewind: {name} is {p.dtype} on {p.device} but params[0] is "
-                f"{params[0].dtype} on {params[0].device}; one call takes one device and dtype"
-            )
+        _validate.one_device_dtype(p, params[0], "rewind", name, "params[0]")
     with torch.no_grad():
         _launch_rewind(
             list(params), list(snapshots), list(masks),

@@ -203,3 +203,18 @@ def histogram(
         raise ValueError(f"shift {shift} + bits {bits} exceed the {key_bits[dtype]}-bit key")
     if prefix < 0 or pmask < 0 or prefix & ~pmask:
         raise ValueError("prefix must be a non-negative subset of prefix_mask")
+
+
+def one_device_dtype(t: torch.Tensor, first: torch.Tensor, what: str, name: str, first_name: str):
+    """Every tensor of one native call shares the first one's device and dtype."""
+    if t.device != first.device or t.dtype != first.dtype:
+        raise ValueError(
+            f"{what}: {name} is {t.dtype} on {t.device} but {first_name} is {first.dtype} on "
+            f"{first.device}; one call takes one device and dtype"
+        )
+
+
+def in_layout_of(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`m` itself if it has `p`'s memory layout, else a copy in that layout (once per mask:
+    the kernels walk the mask and the tensor in the same memory order)."""
+    return m if same_layout(m, p) else torch.empty_like(p, dtype=m.dtype).copy_(m)

@@ -431,13 +431,14 @@ class Experiment:
         unit = {"trial": trial, "control": control, "level": level}
         ckpt = self.run_dir.state / "unit.pt"
         opt = make_optimizer(cfg, model)
-        named = dict(model.named_parameters())
-        for name, m in masks.items():
-            opt.set_mask(named[name], m)
-        # Initialise: the ticket and the random mask rewind to θ0 (or θk); reinit draws fresh.
+        # Initialise: the ticket and the random mask rewind to θ0 (or θk), which also hands
+        # the masks to the optimizer in the same pass; reinit draws fresh weights.
         if control == "reinit":
             reinitialize(model, masks, seed=seed_for(cfg, trial, "reinit", level),
                          init_fn=init_fn(cfg.init))  # fmt: skip
+            named = dict(model.named_parameters())
+            for name, m in masks.items():
+                opt.set_mask(named[name], m)
         else:
             rewind(model, start, masks, opt)
         start_it = cfg.rewind_iteration if (start is not theta0 and level > 0) else 0

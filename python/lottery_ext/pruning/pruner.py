@@ -129,12 +129,9 @@ class MagnitudePruner:
         """name -> bool mask (True = kept) for every pruned tensor."""
         return dict(self._masks)
 
-    def _counts(self) -> dict[str, int]:
-        """How many weights each tensor loses this round (exact, round-compounded)."""
-        remaining = {n: int(m.sum()) for n, m in self._masks.items()}
-        if self.scope == "layer":
-            return {n: round(self.rates[n] * remaining[n]) for n in self.targets}
-        return {}  # global: decided by one threshold, see _magnitude_round
+    def _layer_counts(self) -> dict[str, int]:
+        """Layer scope: how many weights each tensor loses this round (exact, compounded)."""
+        return {n: round(self.rates[n] * int(m.sum())) for n, m in self._masks.items()}
 
     def _global_pool(self) -> list[str]:
         return [n for n in self.targets if n not in self._output_names or self.output_in_global]
@@ -143,7 +140,7 @@ class MagnitudePruner:
     def _magnitude_round(self) -> dict[str, Tensor]:
         new = {}
         if self.scope == "layer":
-            counts = self._counts()
+            counts = self._layer_counts()
             groups: dict[tuple, list[str]] = {}
             for name, p in self.targets.items():
                 groups.setdefault((p.device, p.dtype), []).append(name)

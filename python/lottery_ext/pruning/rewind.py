@@ -118,8 +118,7 @@ def rewind(
         _validate.like(s, p, "snapshot", name)
         if m is not None:
             _validate.mask(m, p, name)
-            if not _validate.same_layout(m, p):
-                m = torch.empty_like(p, dtype=torch.bool).copy_(m)
+            m = _validate.in_layout_of(m, p)
         states = masked_opt._buffers_of(p) if masked_opt is not None else []
         for st in states:
             _validate.like(st, p, "optimizer state", name)
@@ -171,8 +170,6 @@ def reinitialize(
         p = named[name].detach()
         g = groups.setdefault((p.device, p.dtype), ([], []))
         g[0].append(p)
-        g[1].append(
-            m if _validate.same_layout(m, p) else torch.empty_like(p, dtype=torch.bool).copy_(m)
-        )
+        g[1].append(_validate.in_layout_of(m, p))
     for tensors, ms in groups.values():
         _ops.apply_mask(tensors, ms)

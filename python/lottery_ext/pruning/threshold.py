@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _ops, _validate
+from .. import _ops
 
 Tensor = torch.Tensor
 
@@ -202,4 +202,3 @@ __all__ = [
     "count_candidates",
     "key_to_float",
 ]
-_ = _validate  # the checks live in _validate, reached through _ops._check_candidates
