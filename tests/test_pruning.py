@@ -464,7 +464,11 @@ def test_random_prune_seeded_counts_match_magnitude(scope):
         old = r1.masks
         expected1, expected3 = _magnitude_counts(r1), _magnitude_counts(r3)
         mm = mag.prune()
-        m1, m2, m3 = r1.random_prune(seed=k), r2.random_prune(seed=k), r3.random_prune(seed=k + 9)
+        m1, m2, m3 = (
+            r1.prune_randomly(seed=k),
+            r2.prune_randomly(seed=k),
+            r3.prune_randomly(seed=k + 9),
+        )
         assert r1.rounds == k + 1
         for n in mm:
             assert torch.equal(m1[n], m2[n]), "same seed, same masks"
@@ -486,7 +490,7 @@ def test_random_prune_channels_last_conv():
     mag = MagnitudePruner(copy.deepcopy(model), 0.2)
     pruner = MagnitudePruner(model, 0.2)
     mm = mag.prune()  # magnitude pruning works on channels_last
-    masks = pruner.random_prune(seed=0)
+    masks = pruner.prune_randomly(seed=0)
     for n in mm:
         assert int(masks[n].sum()) == int(mm[n].sum())
 

@@ -961,7 +961,7 @@ def test_prune_smallest_each_errors_name_the_tensor():
     b[2] = float("nan")
     with pytest.raises(ValueError, match=r"tensors\[1\].*NaN"):
         lottery_ext.prune_smallest_each([a, b], [1, 1])
-    with pytest.raises(ValueError, match=r"tensors\[0\].*k=6 is out of range"):
+    with pytest.raises(ValueError, match=r"tensors\[0\].*count 6 is out of range"):
         lottery_ext.prune_smallest_each([a, torch.randn(4)], [6, 1])
     with pytest.raises(ValueError, match="2 counts for 1 tensors"):
         lottery_ext.prune_smallest_each([a], [1, 1])

@@ -19,6 +19,7 @@ from .pruning import (
     prune_smallest,
     prune_smallest_each,
     reinitialize,
+    restart_scheduler,
     rewind,
     snapshot,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "prune_smallest",
     "prune_smallest_each",
     "reinitialize",
+    "restart_scheduler",
     "rewind",
     "snapshot",
     "build_info",

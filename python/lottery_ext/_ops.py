@@ -62,6 +62,13 @@ def _where(device: torch.device) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
+def _bump(*lists: Sequence[Tensor | None]) -> None:
+    """Tell autograd that the native kernels wrote these tensors, as torch's in-place ops
+    do: a tensor saved for backward and changed since then raises torch's "modified by an
+    inplace operation" error instead of being used stale."""
+    torch.autograd.graph.increment_version([t for ts in lists for t in ts if t is not None])
+
+
 def _ptrs(tensors: Sequence[Tensor | None]) -> list[int]:
     return [0 if t is None else t.data_ptr() for t in tensors]
 
@@ -87,6 +94,7 @@ def _launch_sgd_step(
             _numels(params), [bool(f) for f in first], lr, momentum, dampening, weight_decay,
             nesterov, maximize, torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
+        _bump(params, momentum_buffers if momentum != 0 else ())
     else:
         _reference.sgd_step_(
             params, grads, momentum_buffers, masks, first, lr=lr, momentum=momentum,
@@ -107,6 +115,7 @@ def _launch_adam_step(
             _numels(params), _ptrs(steps), lr, beta1, beta2, eps, weight_decay, amsgrad,
             maximize, decoupled, torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
+        _bump(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else (), steps)
     else:
         _reference.adam_step_(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr=lr,
@@ -123,6 +132,7 @@ def _launch_apply_mask(tensors, masks) -> None:
             _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
             _numels(tensors), torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
+        _bump(tensors)
     else:
         _reference.apply_mask_(tensors, masks)
 
@@ -134,6 +144,7 @@ def _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask
             _numels(tensors), shift, bits, prefix, prefix_mask, hist.data_ptr(),
             torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
+        _bump([hist])
     else:
         _reference.magnitude_histogram_(tensors, masks, shift, bits, prefix, prefix_mask, hist)
 
@@ -146,6 +157,7 @@ def _launch_magnitude_histogram_batched(tensors, masks, shift, bits, prefixes, p
             _numels(tensors), shift, bits, list(prefixes), prefix_mask, hist.data_ptr(),
             torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
+        _bump([hist])
     else:
         for i, (t, m, prefix) in enumerate(zip(tensors, masks, prefixes)):
             _reference.magnitude_histogram_([t], [m], shift, bits, prefix, prefix_mask, hist[i])
@@ -165,6 +177,7 @@ def _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune) 
             0 if scratch is None else scratch.data_ptr(), nbytes, torch.get_num_threads(),
             *_where(device),
         )  # fmt: skip
+        _bump(out_masks)
     else:
         _reference.threshold_mask_(tensors, old_masks, out_masks, t_key, ties_to_prune)
 
@@ -180,6 +193,7 @@ def _launch_rewind(params, snapshots, masks, states) -> None:
             _ptrs(masks), [x for st in states for x in _ptrs(st)], per, _numels(params),
             torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
+        _bump(params, [x for st in states for x in st])
     else:
         present = [[b for b in st if b is not None] for st in states]
         _reference.rewind_(params, snapshots, masks, present)
@@ -277,13 +291,19 @@ def apply_mask(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         _launch_apply_mask(tensors, masks)
 
 
-def _check_candidates(tensors: Sequence[Tensor], masks: Sequence[Tensor | None], what: str):
-    """Tensors whose magnitudes are ranked: one dtype and device, dense; masks bool and alike."""
+def _check_candidates(
+    tensors: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    what: str,
+    names: Sequence[str] | None = None,
+):
+    """Tensors whose magnitudes are ranked: one dtype and device, dense, with values; masks
+    bool and alike. `names` label the tensors in errors (default ``tensors[i]``)."""
     if not tensors:
         raise ValueError(f"{what}: expected at least one tensor, got an empty list")
     _validate.same_length(tensors=tensors, masks=masks)
     for i, (t, m) in enumerate(zip(tensors, masks)):
-        name = f"tensors[{i}]"
+        name = names[i] if names is not None else f"tensors[{i}]"
         _validate.param(t, name)
         if t.device != tensors[0].device:
             raise ValueError(
@@ -297,6 +317,7 @@ def _check_candidates(tensors: Sequence[Tensor], masks: Sequence[Tensor | None],
         if m is not None:
             _validate.mask(m, t, name)
             _validate.like_layout(m, t, f"mask for {name}")
+    _validate.has_data(tensors[0], names[0] if names is not None else "tensors[0]")
 
 
 def magnitude_histogram(
@@ -332,8 +353,8 @@ def threshold_mask(
     for i, (t, m) in enumerate(zip(tensors, out_masks)):
         _validate.mask(m, t, f"out_masks[{i}]")
         _validate.like_layout(m, t, f"out_masks[{i}]")
-    if ties_to_prune < 0:
-        raise ValueError(f"ties_to_prune must be >= 0, got {ties_to_prune}")
+    _validate.integer(t_key, "t_key", 0, _validate.max_key(tensors[0].dtype))
+    _validate.integer(ties_to_prune, "ties_to_prune", 0, 2**63 - 1)
     with torch.no_grad():
         _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
 

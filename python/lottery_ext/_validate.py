@@ -9,7 +9,7 @@ what was expected. ``TypeError`` for a wrong kind of thing (dtype, sparse, compl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -52,14 +52,15 @@ def dtype_code(t: torch.Tensor, name: str) -> int:
     return code
 
 
-def param(p: torch.Tensor, name: str) -> int:
-    """A tensor the kernels update in place. Returns its dtype code."""
+def param(p: torch.Tensor, name: str, dense: bool = True) -> int:
+    """A tensor the kernels update in place (with `dense`: walkable as one flat block).
+    Returns its dtype code."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
     if p.layout != torch.strided:
         raise TypeError(f"{name}: only dense (strided) tensors are supported, got {p.layout}")
     code = dtype_code(p, name)
-    if not is_dense(p):
+    if dense and not is_dense(p):
         raise ValueError(
             f"{name}: the kernels need a tensor whose elements fill one block of memory "
             f"(contiguous or a permutation of it); got {_describe(p)}. "
@@ -68,8 +69,10 @@ def param(p: torch.Tensor, name: str) -> int:
     return code
 
 
-def like(t: torch.Tensor | None, p: torch.Tensor, what: str, name: str) -> None:
-    """`t` must have exactly `p`'s dtype, device, shape and memory layout."""
+def like(
+    t: torch.Tensor | None, p: torch.Tensor, what: str, name: str, layout: bool = True
+) -> None:
+    """`t` must have exactly `p`'s dtype, device, shape (and memory layout, with `layout`)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} of {name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -88,7 +91,8 @@ def like(t: torch.Tensor | None, p: torch.Tensor, what: str, name: str) -> None:
             f"{what} of {name}: shape {tuple(t.shape)} does not match the parameter's "
             f"{tuple(p.shape)}"
         )
-    like_layout(t, p, f"{what} of {name}")
+    if layout:
+        like_layout(t, p, f"{what} of {name}")
 
 
 def mask(m: object, p: torch.Tensor, name: str) -> None:
@@ -112,14 +116,118 @@ def mask(m: object, p: torch.Tensor, name: str) -> None:
 
 
 def finite(**hparams: float) -> None:
-    """Hyper-parameters must be finite real numbers (torch.optim lets NaN momentum through)."""
+    """Hyper-parameters must be finite real numbers (torch.optim lets NaN momentum through).
+    Bools count as 0/1 as in torch.optim (``weight_decay=False`` is accepted there)."""
     for key, value in hparams.items():
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{key} must be a Python float, not a Tensor")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, (int, float)):
             raise TypeError(f"{key} must be a number, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"{key} must be finite, got {value}")
+
+
+def integer(value: object, name: str, low: int, high: int) -> int:
+    """An int argument that crosses into the compiled core: low <= value <= high."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def has_data(t: torch.Tensor, name: str) -> None:
+    """Ops that read values need real storage (a meta tensor has shapes only)."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name}: meta tensors hold no values, so no magnitude can be ranked; "
+            "materialise the model first (e.g. model.to_empty(device='cpu') and initialise it)"
+        )
+
+
+def step_count(value: object, name: str) -> torch.Tensor:
+    """An Adam step counter as the kernels keep it: a one-element float32 CPU tensor.
+    Hand-made or foreign state may hold an int, a float, or a tensor of another dtype or
+    device (torch keeps int64 or float32 on the parameter's device): convert, never misread."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.device.type == "meta":
+            raise ValueError(
+                f"optimizer state 'step' of {name}: expected a one-element real tensor, got "
+                f"shape {tuple(value.shape)}, dtype {value.dtype} on {value.device}"
+            )
+        if value.dtype == torch.float32 and value.device.type == "cpu" and value.dim() == 0:
+            number = None
+        else:
+            number = value.item()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        raise TypeError(
+            f"optimizer state 'step' of {name}: expected a number or a one-element tensor, got "
+            f"{type(value).__name__}"
+        )
+    if number is None:
+        number = float(value)
+    if not (math.isfinite(number) and number >= 0 and float(number) == int(number)):
+        raise ValueError(
+            f"optimizer state 'step' of {name}: must be a whole number >= 0, got {number}"
+        )
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        if value.device.type == "cpu" and value.dim() == 0:
+            return value
+    return torch.tensor(float(number), dtype=torch.float32)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte of its storage that the non-empty tensor `t` touches."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 1)
+    return start, start + last * size + size - 1
+
+
+def no_overlap(tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Tensors that one fused call writes must not share memory: several threads (or GPU
+    blocks) would update the same element in an undefined order. Non-overlapping views of one
+    storage (e.g. alternate columns) are allowed."""
+    seen: dict[int, str] = {}
+    spans = []
+    for name, t in tensors:
+        if id(t) in seen:
+            raise ValueError(
+                f"{name} appears twice ({seen[id(t)]}): each tensor may be given to the "
+                "optimizer once (remove the duplicate)"
+            )
+        seen[id(t)] = name
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        try:
+            key = (t.device, t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (functional)
+            continue
+        spans.append((key, *_extent(t), name, t))
+    spans.sort(key=lambda s: (str(s[0][0]), s[0][1], s[1]))
+    for (ka, _, ea, na, ta), (kb, sb, _, nb, tb) in zip(spans, spans[1:]):
+        if ka == kb and sb <= ea and _overlaps(ta, tb):
+            raise ValueError(
+                f"{na} and {nb} share memory (overlapping views of one storage): updating "
+                "both in one step would race; give the optimizer tensors that do not overlap"
+            )
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact test for two views of one storage whose byte ranges intersect."""
+    if is_dense(a) and is_dense(b) and a.element_size() == b.element_size():
+        return True
+    touched = []
+    for t in (a, b):  # the set of bytes each one covers
+        size = t.element_size()
+        idx = torch.zeros((), dtype=torch.int64)
+        for n, st in zip(t.shape, t.stride()):
+            idx = idx.unsqueeze(-1) + torch.arange(n) * st * size
+        starts = idx.flatten() + t.storage_offset() * size
+        touched.append((starts.unsqueeze(1) + torch.arange(size)).flatten().unique())
+    return bool(torch.isin(touched[0], touched[1]).any())
 
 
 def step_inputs(
@@ -128,15 +236,18 @@ def step_inputs(
     g: torch.Tensor,
     states: tuple[tuple[str, torch.Tensor], ...],
     m: torch.Tensor | None,
+    layout: bool = True,
 ) -> int:
-    """All tensors one parameter's fused update touches. Returns the dtype code."""
-    code = param(p, name)
-    like(g, p, "gradient", name)
+    """All tensors one parameter's fused update touches. Returns the dtype code.
+    ``layout=False``: any strides (the optimizers bring them into one order themselves)."""
+    code = param(p, name, dense=layout)
+    like(g, p, "gradient", name, layout)
     for what, s in states:
-        like(s, p, f"optimizer state '{what}'", name)
+        like(s, p, f"optimizer state '{what}'", name, layout)
     if m is not None:
         mask(m, p, name)
-        like_layout(m, p, f"mask for {name}")
+        if layout:
+            like_layout(m, p, f"mask for {name}")
     return code
 
 
@@ -192,17 +303,23 @@ def histogram(
         from . import _native
 
         max_bits = _native.cuda_max_histogram_bits or 16
-    if not (1 <= bits <= max_bits):
-        raise ValueError(f"bits must be in [1, {max_bits}] on {like.device.type}, got {bits}")
+    integer(bits, f"bits (on {like.device.type})", 1, max_bits)
     if hist.device != like.device or not hist.is_contiguous() or hist.numel() != (1 << bits) + 1:
         raise ValueError(
             f"hist: expected a contiguous tensor of {(1 << bits) + 1} entries on {like.device}"
         )
-    key_bits = {torch.float32: 31, torch.float64: 63, torch.float16: 15, torch.bfloat16: 15}
-    if not (0 <= shift and shift + bits <= key_bits[dtype]):
-        raise ValueError(f"shift {shift} + bits {bits} exceed the {key_bits[dtype]}-bit key")
-    if prefix < 0 or pmask < 0 or prefix & ~pmask:
-        raise ValueError("prefix must be a non-negative subset of prefix_mask")
+    key_bits = max_key(dtype).bit_length()
+    integer(shift, "shift", 0, key_bits - bits)
+    integer(prefix, "prefix", 0, max_key(dtype))
+    integer(pmask, "prefix_mask", 0, max_key(dtype))
+    if prefix & ~pmask:
+        raise ValueError("prefix must be a subset of prefix_mask (bits outside it are set)")
+
+
+def max_key(dtype: torch.dtype) -> int:
+    """Largest magnitude key of `dtype`: its bit pattern with the sign bit cleared."""
+    bits = {torch.float32: 31, torch.float64: 63, torch.float16: 15, torch.bfloat16: 15}
+    return (1 << bits[dtype]) - 1
 
 
 def one_device_dtype(t: torch.Tensor, first: torch.Tensor, what: str, name: str, first_name: str):
@@ -218,3 +335,96 @@ def in_layout_of(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """`m` itself if it has `p`'s memory layout, else a copy in that layout (once per mask:
     the kernels walk the mask and the tensor in the same memory order)."""
     return m if same_layout(m, p) else torch.empty_like(p, dtype=m.dtype).copy_(m)
+
+
+# -- saved optimizer state (load_state_dict): named errors before anything changes ----------
+
+
+def saved_optimizer(sd: object, n_params: int) -> None:
+    """The structure torch's load_state_dict indexes into, checked so that a malformed dict
+    raises an error naming the key instead of an IndexError/KeyError from inside torch."""
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
+    for key in ("state", "param_groups"):
+        if key not in sd:
+            raise ValueError(f"state_dict has no '{key}' entry: is it an optimizer state_dict?")
+    if not isinstance(sd["state"], Mapping):
+        raise TypeError(f"state_dict['state']: expected a dict, got {type(sd['state']).__name__}")
+    groups = sd["param_groups"]
+    if not isinstance(groups, (list, tuple)):
+        raise TypeError(f"state_dict['param_groups']: expected a list, got {type(groups).__name__}")
+    for i, g in enumerate(groups):
+        if not isinstance(g, Mapping) or not isinstance(g.get("params"), (list, tuple)):
+            raise ValueError(
+                f"state_dict['param_groups'][{i}]: expected a dict with a 'params' list"
+            )
+    for key, value in sd["state"].items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not 0 <= key < n_params:
+                raise ValueError(
+                    f"state_dict['state'][{key}]: no such parameter (the optimizer has {n_params})"
+                )
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"state_dict['state'][{key}]: expected a dict of state, got "
+                    f"{type(value).__name__}"
+                )
+
+
+def _index(key: object, n: int, where: str) -> int:
+    if isinstance(key, str) and key.lstrip("-").isdigit():  # JSON round trips make keys strings
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"{where}: parameter index must be an int, got {key!r}")
+    if not 0 <= key < n:
+        raise ValueError(f"{where}: parameter index {key} is out of range [0, {n})")
+    return key
+
+
+def saved_masks(
+    masks: object, params: list[torch.Tensor], names: list[str]
+) -> dict[torch.Tensor, torch.Tensor]:
+    """state_dict['masks'] (parameter index -> bool mask) checked against the optimizer's
+    parameters; returns parameter -> mask on the parameter's device."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"state_dict['masks']: expected a dict, got {type(masks).__name__}")
+    out = {}
+    for key, m in masks.items():
+        i = _index(key, len(params), f"state_dict['masks'][{key!r}]")
+        p = params[i]
+        if isinstance(m, torch.Tensor) and m.device != p.device:
+            m = m.to(p.device)
+        mask(m, p, f"{names[i]} (state_dict['masks'][{key!r}])")
+        out[p] = m
+    return out
+
+
+def saved_restart(restart: object, n: int) -> list[int]:
+    if not isinstance(restart, (list, tuple, set)):
+        raise TypeError(f"state_dict['restart']: expected a list, got {type(restart).__name__}")
+    return [_index(i, n, "state_dict['restart']") for i in restart]
+
+
+def saved_state(
+    state: Mapping, params: list[torch.Tensor], buffer_keys: tuple[str, ...], counted: bool
+) -> None:
+    """Per-parameter entries of state_dict['state']: the buffers a step reads are tensors of
+    the parameter's shape (torch casts dtype and device on load), a step count (`counted`)
+    is a whole number >= 0."""
+    for i, entry in state.items():
+        if isinstance(i, bool) or not isinstance(i, int):
+            continue  # not a parameter's state (flags users keep there): loaded as it is
+        where = f"state_dict['state'][{i}]"
+        for key in buffer_keys:
+            if key not in entry:
+                continue
+            b = entry[key]
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"{where}['{key}']: expected a tensor, got {type(b).__name__}")
+            if b.shape != params[i].shape:
+                raise ValueError(
+                    f"optimizer state '{key}' of {where}: shape {tuple(b.shape)} does not match "
+                    f"the parameter's {tuple(params[i].shape)}"
+                )
+        if counted and "step" in entry:
+            step_count(entry["step"], where)

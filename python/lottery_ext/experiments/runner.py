@@ -435,10 +435,7 @@ class Experiment:
         # the masks to the optimizer in the same pass; reinit draws fresh weights.
         if control == "reinit":
             reinitialize(model, masks, seed=seed_for(cfg, trial, "reinit", level),
-                         init_fn=init_fn(cfg.init))  # fmt: skip
-            named = dict(model.named_parameters())
-            for name, m in masks.items():
-                opt.set_mask(named[name], m)
+                         init_fn=init_fn(cfg.init), optimizer=opt)  # fmt: skip
         else:
             rewind(model, start, masks, opt)
         start_it = cfg.rewind_iteration if (start is not theta0 and level > 0) else 0

@@ -24,6 +24,7 @@ class MaskedOptimizer:
     """
 
     _state_buffers: tuple[str, ...] = ()
+    _counted = False  # whether the state holds a 'step' count per parameter (Adam)
 
     def _init_masks(self, masks: Mapping[Tensor | str, Tensor] | None) -> None:
         self._masks: dict[Tensor, Tensor] = {}
@@ -77,8 +78,7 @@ class MaskedOptimizer:
             self._masks.pop(param, None)
             return
         stored = self._store_mask(param, mask, name)
-        tensors = [param.detach()] + self._buffers_of(param)
-        _ops.apply_mask(tensors, [stored] * len(tensors))
+        zero_pruned([param.detach()] + self._buffers_of(param), stored)
 
     def _store_mask(self, param: Tensor, mask: Tensor, name: str | None = None) -> Tensor:
         """Validate and keep a copy of `mask` in the parameter's memory layout, without
@@ -91,7 +91,12 @@ class MaskedOptimizer:
         if (
             stored is None
             or stored.shape != param.shape
-            or not _validate.same_layout(stored, param)
+            or stored.device != param.device
+            or not (
+                _validate.same_layout(stored, param)
+                if _validate.is_dense(param)
+                else _validate.is_dense(stored)
+            )
         ):
             stored = torch.empty_like(param, dtype=torch.bool)
         stored.copy_(mask)
@@ -109,10 +114,6 @@ class MaskedOptimizer:
         """Parameter -> mask, for every masked parameter."""
         return dict(self._masks)
 
-    def _buffers_of(self, param: Tensor) -> list[Tensor]:
-        state = self.state.get(param, {})
-        return [state[k] for k in self._state_buffers if isinstance(state.get(k), Tensor)]
-
     # -- state_dict ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -126,39 +127,161 @@ class MaskedOptimizer:
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, plus the masks and rewind flags, all or nothing: everything is
+        checked before anything changes, and a load that fails part-way leaves the optimizer
+        as it was (its masks included). Load post-hooks run with the masks restored."""
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        for hook in pre_hooks.values():  # torch's order: they may rewrite the dict
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        params = self._unique_params()
+        names = [self._name(p) for p in params]
+        _validate.saved_optimizer(state_dict, len(params))
+        _validate.saved_state(state_dict["state"], params, self._state_buffers, self._counted)
         state_dict = dict(state_dict)
-        masks = state_dict.pop("masks", {})
-        restart = state_dict.pop("restart", [])
-        super().load_state_dict(state_dict)
-        self._restart.clear()
-        self._after_load()
-        params = []
-        for _, _, p in self._iter_params():
-            if all(p is not q for q in params):
-                params.append(p)
+        masks = _validate.saved_masks(state_dict.pop("masks", {}), params, names)
+        restart = _validate.saved_restart(state_dict.pop("restart", []), len(params))
+        saved = (self.state, self.param_groups, self._masks, self._restart)
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+        try:
+            super().load_state_dict(state_dict)
+            self._after_load()
+            for p in params:  # buffers the step will write: like their parameter, apart
+                self._buffers_of(p)
+            _validate.no_overlap(self._written())
+        except BaseException:
+            self.state, self.param_groups, self._masks, self._restart = saved
+            raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         self._masks = {}
-        for idx, mask in masks.items():
-            p = params[int(idx)]
-            self.set_mask(p, mask.to(p.device))
-        self._restart = {params[int(i)] for i in restart}
+        for p, m in masks.items():  # checked above: cannot fail
+            self.set_mask(p, m)
+        self._restart = {params[i] for i in restart}
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _unique_params(self) -> list[Tensor]:
+        """Parameters in torch's state_dict numbering (position across all groups)."""
+        params, seen = [], set()
+        for _, _, p in self._iter_params():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        return params
 
     def _after_load(self) -> None:
         """Hook for subclasses to normalise loaded state."""
 
+    def _param_states(self) -> Iterator[tuple[Tensor, dict]]:
+        """(parameter, its state) pairs; skips other keys users keep in ``self.state`` (torch's
+        own tests store flags there from hooks)."""
+        for p, st in self.state.items():
+            if isinstance(p, Tensor) and isinstance(st, dict):
+                yield p, st
+
+    def _buffers_of(self, param: Tensor) -> list[Tensor]:
+        state = self.state.get(param)
+        if not isinstance(state, dict):
+            return []
+        out = []
+        for key in self._state_buffers:
+            b = state.get(key)
+            if b is None:
+                continue
+            _validate.like(b, param, f"optimizer state '{key}'", self._name(param), layout=False)
+            out.append(b)
+        return out
+
+    def _written(self) -> list[tuple[str, Tensor]]:
+        """Every tensor a step writes, by name: the aliasing check's input."""
+        out = []
+        for p in self._unique_params():
+            name = self._name(p)
+            out.append((name, p))
+            state = self.state.get(p)
+            if isinstance(state, dict):
+                for key in self._state_buffers:
+                    if isinstance(state.get(key), Tensor):
+                        out.append((f"optimizer state '{key}' of {name}", state[key]))
+        return out
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, plus: refuse a tensor given twice or overlapping another parameter (the
+        fused step would update the same memory from several threads)."""
+        super().add_param_group(param_group)
+        try:
+            _validate.no_overlap([(self._name(p), p) for _, _, p in self._iter_params()])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     # -- per-step gathering ---------------------------------------------------------------------
 
-    def _checked(self, p: Tensor, g: Tensor, buffers: tuple[tuple[str, Tensor], ...]) -> int:
-        """Dtype code of `p` after checking every tensor of its update (names `p` on error)."""
+    def _kernel_inputs(
+        self, p: Tensor, g: Tensor, state: dict, keys: tuple[str, ...]
+    ) -> tuple[Tensor, list[Tensor], Tensor | None, bool]:
+        """(gradient, state buffers `keys`, mask, native) for one parameter's update.
+
+        The kernels walk every tensor of an update as one flat array, so all must share the
+        parameter's memory order. The common case (all contiguous, one device) costs a few
+        attribute reads; anything else is checked in full (`_validate`), then brought into
+        the parameter's order by logical index: the gradient by a copy, state buffers and
+        the mask once, in place of the old ones (after ``model.to(memory_format=...)``).
+        A parameter that is not one block of memory (a sliced view) steps on the reference
+        path (``native`` False), which indexes logically as torch.optim does."""
         mask = self._masks.get(p)
-        if _validate.fast_ok(p, g) and all(
-            b.shape == p.shape and b.dtype == p.dtype and b.is_contiguous() for _, b in buffers
-        ):
-            code = _validate.DTYPE_CODES.get(p.dtype)
-            if code is not None and (
-                mask is None or (mask.shape == p.shape and mask.device == p.device)
-            ):
-                return code
-        return _validate.step_inputs(self._name(p), p, g, buffers, mask)
+        bufs = [state[k] for k in keys]
+        if (
+            p.is_contiguous()
+            and _validate.fast_ok(p, g)
+            and p.dtype in _validate.DTYPE_CODES
+            and all(
+                b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+                and b.is_contiguous()
+                for b in bufs
+            )
+            and (mask is None or (mask.device == p.device and mask.is_contiguous()))
+        ):  # fmt: skip
+            return g, bufs, mask, True
+        name = self._name(p)
+        _validate.step_inputs(name, p, g, tuple(zip(keys, bufs)), mask, layout=False)
+        if not _validate.is_dense(p):
+            return g, bufs, mask, False
+        g = _validate.in_layout_of(g, p)
+        for i, (k, b) in enumerate(zip(keys, bufs)):
+            if not _validate.same_layout(b, p):
+                bufs[i] = state[k] = _validate.in_layout_of(b, p)
+        if mask is not None and not _validate.same_layout(mask, p):
+            mask = self._masks[p] = _validate.in_layout_of(mask, p)
+        return g, bufs, mask, True
+
+
+def zero_pruned(tensors: list[Tensor], mask: Tensor) -> None:
+    """Zero the entries of every tensor where `mask` is False, by logical index: one fused
+    native pass over the tensors in the mask's memory order, torch's masked_fill_ for the rest
+    (a layout changed since the mask was set, a sliced view)."""
+    fast = [t for t in tensors if _validate.is_dense(t) and _validate.same_layout(t, mask)]
+    if fast:
+        _ops.apply_mask(fast, [mask] * len(fast))
+    with torch.no_grad():
+        for t in tensors:
+            if not any(t is f for f in fast):
+                t.masked_fill_(~mask, 0)
+
+
+def fused_device_check(p: Tensor) -> None:
+    """``fused=True`` behaves as in torch.optim: refused on devices that have no fused torch
+    kernels (e.g. ``meta``), with torch's own error. (The step here is always fused.)"""
+    from torch.optim import optimizer
+
+    check = getattr(optimizer, "_device_dtype_check_for_fused", None)
+    if check is not None:
+        check(p)
 
 
 def check_constructor(cls_name: str, lr: object, capturable: bool, differentiable: bool) -> None:

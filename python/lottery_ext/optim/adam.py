@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from .. import _ops, _validate
-from ._masked import MaskedOptimizer, check_constructor
+from .. import _ops, _reference, _validate
+from ._masked import MaskedOptimizer, check_constructor, fused_device_check
 
 Tensor = torch.Tensor
 # torch < 2.6 has no Adam(decoupled_weight_decay=...): we then keep the flag ourselves.
@@ -17,26 +17,31 @@ _TORCH_HAS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim
 
 class _MaskedAdamBase(MaskedOptimizer):
     _state_buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _counted = True
     _decoupled_default = False
 
     def _after_load(self) -> None:
-        # The native step keeps counters as float32 CPU scalars (torch may hand back float64).
-        for state in self.state.values():
-            step = state.get("step")
-            if step is not None and not (
-                isinstance(step, Tensor)
-                and step.dtype == torch.float32
-                and step.device.type == "cpu"
-            ):
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        # The native step keeps counters as float32 CPU scalars (torch may hand back float64
+        # or int64, or float32 on the parameter's device).
+        for p, state in self._param_states():
+            if "step" in state:
+                state["step"] = _validate.step_count(state["step"], self._name(p))
 
-    def _init_state(self, p: Tensor, state: dict, amsgrad: bool) -> None:
+    def _init_state(self, p: Tensor, state: dict, amsgrad: bool, fused: bool) -> None:
         if not state:
+            if fused:  # torch refuses fused=True on devices without its fused kernels (meta)
+                fused_device_check(p)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        step = state.get("step")
+        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.is_cpu):
+            state["step"] = _validate.step_count(step, self._name(p))  # hand-edited state
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                raise ValueError(f"optimizer state of {self._name(p)} has no '{key}'")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -50,39 +55,59 @@ class _MaskedAdamBase(MaskedOptimizer):
             decoupled = group.get("decoupled_weight_decay", self._decoupled_default)
             beta1, beta2 = float(beta1), float(beta2)
             _validate.finite(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
-            calls: dict[tuple, tuple[list, ...]] = {}
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else _PAIR
+            # (device, dtype) -> the lists of one native call; key None: the reference path
+            calls: dict[tuple | None, _AdamLists] = {}
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
                 state = self.state[p]
-                self._init_state(p, state, amsgrad)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                vmax = state.get("max_exp_avg_sq") if amsgrad else None
-                buffers = (("exp_avg", m), ("exp_avg_sq", v))
-                if amsgrad:
-                    buffers += (("max_exp_avg_sq", vmax),)
-                self._checked(p, g, buffers)
-                lists = calls.get((p.device, p.dtype))
+                self._init_state(p, state, amsgrad, group.get("fused") or False)
+                g, bufs, mask, native = self._kernel_inputs(p, g, state, keys)
+                key = (p.device, p.dtype) if native else None
+                lists = calls.get(key)
                 if lists is None:
-                    lists = calls[(p.device, p.dtype)] = ([], [], [], [], [], [], [])
-                lists[0].append(p)
-                lists[1].append(g)
-                lists[2].append(m)
-                lists[3].append(v)
-                if amsgrad:
-                    lists[4].append(vmax)
-                lists[5].append(self._masks.get(p))
-                lists[6].append(state["step"])
-            for params, grads, ms, vs, vmaxs, masks, steps in calls.values():
-                args = (lr, beta1, beta2, eps, wd, amsgrad, group["maximize"], decoupled)
-                if torch.compiler.is_compiling():
-                    torch.ops.lottery_ext.adam_step_(
-                        params, grads, ms, vs, vmaxs, masks, steps, *args
-                    )
+                    lists = calls[key] = _AdamLists()
+                lists.add(p, g, bufs, mask, state["step"])
+            args = (lr, beta1, beta2, eps, wd, amsgrad, group["maximize"], decoupled)
+            for key, c in calls.items():
+                if key is None:
+                    _reference.adam_step_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs,
+                                          c.max_exp_avg_sqs, c.masks, c.steps,
+                                          **dict(zip(_ADAM_ARGS, args)))  # fmt: skip
+                elif torch.compiler.is_compiling():
+                    torch.ops.lottery_ext.adam_step_(c.params, c.grads, c.exp_avgs,
+                                                     c.exp_avg_sqs, c.max_exp_avg_sqs, c.masks,
+                                                     c.steps, *args)  # fmt: skip
                 else:
-                    _ops._launch_adam_step(params, grads, ms, vs, vmaxs, masks, steps, *args)
+                    _ops._launch_adam_step(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs,
+                                           c.max_exp_avg_sqs, c.masks, c.steps, *args)  # fmt: skip
         return loss
+
+
+_PAIR = ("exp_avg", "exp_avg_sq")
+_ADAM_ARGS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled")
+
+
+class _AdamLists:
+    """The tensor lists of one fused Adam call."""
+
+    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masks", "steps")
+
+    def __init__(self) -> None:
+        self.params, self.grads, self.masks, self.steps = [], [], [], []
+        self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs = [], [], []
+
+    def add(self, p, g, bufs, mask, step) -> None:
+        self.params.append(p)
+        self.grads.append(g)
+        self.exp_avgs.append(bufs[0])
+        self.exp_avg_sqs.append(bufs[1])
+        if len(bufs) > 2:
+            self.max_exp_avg_sqs.append(bufs[2])
+        self.masks.append(mask)
+        self.steps.append(step)
 
 
 class MaskedAdam(_MaskedAdamBase, torch.optim.Adam):

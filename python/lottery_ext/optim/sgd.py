@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from .. import _ops, _validate
-from ._masked import MaskedOptimizer, check_constructor
+from .. import _ops, _reference, _validate
+from ._masked import MaskedOptimizer, check_constructor, fused_device_check
 
 Tensor = torch.Tensor
 
@@ -58,33 +58,49 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             lr, momentum = group["lr"], group["momentum"]
             dampening, wd = group["dampening"], group["weight_decay"]
             _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd)
-            calls: dict[tuple, tuple[list, ...]] = {}
+            # (device, dtype) -> the lists of one native call; key None: the reference path
+            calls: dict[tuple | None, tuple[list, ...]] = {}
             new_buffers = []  # allocated only once the whole group has passed validation
+            keys = ("momentum_buffer",) if momentum != 0 else ()
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                buf = self.state.get(p, {}).get("momentum_buffer") if momentum != 0 else None
-                self._checked(p, g, (("momentum_buffer", buf),) if buf is not None else ())
+                if group.get("fused") and getattr(self, "_need_device_dtype_check_for_fused", 1):
+                    fused_device_check(p)  # as torch: once, on the first parameter stepped
+                    self._need_device_dtype_check_for_fused = False
+                state = self.state.get(p, {})
+                if not isinstance(state, dict):
+                    raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
+                has_buf = momentum != 0 and state.get("momentum_buffer") is not None
+                g, bufs, mask, native = self._kernel_inputs(p, g, state, keys if has_buf else ())
+                buf = bufs[0] if has_buf else None
                 # torch's first step copies the gradient into a new buffer; a rewound
                 # optimizer (lottery_ext.rewind) also restarts here, keeping its buffer.
                 first = buf is None or p in self._restart
-                lists = calls.get((p.device, p.dtype))
+                key = (p.device, p.dtype) if native else None
+                lists = calls.get(key)
                 if lists is None:
-                    lists = calls[(p.device, p.dtype)] = ([], [], [], [], [])
+                    lists = calls[key] = ([], [], [], [], [])
                 if momentum != 0 and buf is None:
                     new_buffers.append((p, len(lists[2]), lists[2]))
                 lists[0].append(p)
                 lists[1].append(g)
                 lists[2].append(buf)
-                lists[3].append(self._masks.get(p))
+                lists[3].append(mask)
                 lists[4].append(first)
             for p, i, bufs in new_buffers:
                 bufs[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format
                 )
-            for params, grads, bufs, masks, first in calls.values():
-                if torch.compiler.is_compiling():
+            for key, (params, grads, bufs, masks, first) in calls.items():
+                if key is None:
+                    _reference.sgd_step_(
+                        params, grads, bufs, masks, first, lr=lr, momentum=momentum,
+                        dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
+                        maximize=group["maximize"],
+                    )  # fmt: skip
+                elif torch.compiler.is_compiling():
                     torch.ops.lottery_ext.sgd_step_(
                         params, grads, bufs if momentum != 0 else [], masks, first, lr,
                         momentum, dampening, wd, group["nesterov"], group["maximize"],

@@ -1,7 +1,7 @@
 """Magnitude thresholds, the pruner, and rewinding."""
 
 from .pruner import MagnitudePruner
-from .rewind import Snapshot, reinitialize, rewind, snapshot
+from .rewind import Snapshot, reinitialize, restart_scheduler, rewind, snapshot
 from .threshold import kth_smallest_magnitude, prune_smallest, prune_smallest_each
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "prune_smallest",
     "prune_smallest_each",
     "reinitialize",
+    "restart_scheduler",
     "rewind",
     "snapshot",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -147,7 +148,8 @@ class MagnitudePruner:
             for names in groups.values():  # each layer its own threshold, selected together
                 tensors = [self.targets[n].detach() for n in names]
                 masks = prune_smallest_each(tensors, [counts[n] for n in names],
-                                            [self._masks[n] for n in names])  # fmt: skip
+                                            [self._masks[n] for n in names],
+                                            names=names)  # fmt: skip
                 new.update(zip(names, masks))
             return new
         pool = self._global_pool()
@@ -158,12 +160,14 @@ class MagnitudePruner:
             by_dtype.setdefault((t.device, t.dtype), []).append(i)
         if len(by_dtype) > 1:
             raise TypeError("global pruning needs all pruned tensors on one device and dtype")
-        out = prune_smallest(tensors, round(self.rate * remaining), [self._masks[n] for n in pool])
+        out = prune_smallest(tensors, round(self.rate * remaining), [self._masks[n] for n in pool],
+                             names=pool)  # fmt: skip
         new.update(zip(pool, out))
         for name in self.targets:
             if name not in new:  # the output layer, at its own rate
                 count = round(self.output_rate * int(self._masks[name].sum()))
-                new[name] = prune_smallest(self.targets[name].detach(), count, self._masks[name])[0]
+                new[name] = prune_smallest(self.targets[name].detach(), count, self._masks[name],
+                                           names=[name])[0]  # fmt: skip
         return new
 
     def compute_masks(self) -> dict[str, Tensor]:
@@ -176,9 +180,10 @@ class MagnitudePruner:
         return self._commit(self._magnitude_round())
 
     @torch.no_grad()
-    def random_prune(self, seed: int = 0) -> dict[str, Tensor]:
-        """The random-mask control: each tensor loses exactly as many of its surviving
-        weights as ``prune()`` would remove from it, chosen uniformly at random (seeded)."""
+    def random_masks(self, seed: int = 0) -> dict[str, Tensor]:
+        """The random-mask control, without changing anything: for each tensor, the masks
+        ``prune()`` would give it next, but with exactly as many of its surviving weights
+        removed at random (seeded) as ``prune()`` would remove by magnitude."""
         magnitude = self._magnitude_round()
         gen = torch.Generator().manual_seed(seed)
         new = {}
@@ -188,8 +193,24 @@ class MagnitudePruner:
             # scores in the mask's memory layout, so ties and layouts line up with `old`
             scores = torch.empty_like(old, dtype=torch.float32)
             scores.copy_(torch.rand(p.shape, generator=gen))
-            new[name] = prune_smallest(scores, count, old)[0]
-        return self._commit(new)
+            new[name] = prune_smallest(scores, count, old, names=[name])[0]
+        return new
+
+    def prune_randomly(self, seed: int = 0) -> dict[str, Tensor]:
+        """One round of random pruning (``random_masks(seed)``) committed like ``prune()``:
+        zeroes the removed weights, updates attached optimizers, returns the masks."""
+        return self._commit(self.random_masks(seed))
+
+    def random_prune(self, seed: int = 0) -> dict[str, Tensor]:
+        """Deprecated: its name hid that it changes the pruner. Use ``random_masks(seed)``
+        (pure) or ``prune_randomly(seed)`` (commits, as this did)."""
+        warnings.warn(
+            "MagnitudePruner.random_prune() changes the pruner; use random_masks(seed) for the "
+            "control's masks without changing anything, or prune_randomly(seed) to commit them",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.prune_randomly(seed)
 
     @torch.no_grad()
     def _commit(self, new: dict[str, Tensor]) -> dict[str, Tensor]:

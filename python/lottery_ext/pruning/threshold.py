@@ -66,7 +66,18 @@ def count_candidates(tensors: list[Tensor], masks: list[Tensor | None]) -> int:
     return sum(t.numel() if m is None else int(m.sum()) for t, m in zip(tensors, masks))
 
 
-def select_key(tensors: list[Tensor], masks: list[Tensor | None], k: int) -> tuple[int, int]:
+def _names(names: Sequence[str] | None, n: int) -> list[str]:
+    if names is None:
+        return [f"tensors[{i}]" for i in range(n)]
+    names = [str(x) for x in names]
+    if len(names) != n:
+        raise ValueError(f"names: {len(names)} names for {n} tensors")
+    return names
+
+
+def select_key(
+    tensors: list[Tensor], masks: list[Tensor | None], k: int, names: list[str] | None = None
+) -> tuple[int, int]:
     """(key of the k-th smallest candidate magnitude, number of candidates below that key).
     Inputs must be validated (``_ops._check_candidates``)."""
     dtype, device = tensors[0].dtype, tensors[0].device
@@ -78,7 +89,12 @@ def select_key(tensors: list[Tensor], masks: list[Tensor | None], k: int) -> tup
         if i == 0:
             nans = int(hist[-1])
             if nans:
-                raise ValueError(f"magnitudes contain {nans} NaN value(s); no threshold exists")
+                where = [n for n, t in zip(_names(names, len(tensors)), tensors)
+                         if bool(torch.isnan(t.detach()).any())]  # fmt: skip
+                raise ValueError(
+                    f"{', '.join(where)}: {nans} NaN value(s) among the candidate weights; no "
+                    "magnitude threshold exists (did training diverge?)"
+                )
             total = int(counts.sum())
             if not 1 <= k <= total:
                 raise ValueError(f"k={k} is out of range: there are {total} candidate weights")
@@ -91,7 +107,7 @@ def select_key(tensors: list[Tensor], masks: list[Tensor | None], k: int) -> tup
 
 
 def select_keys(
-    tensors: list[Tensor], masks: list[Tensor | None], ks: list[int]
+    tensors: list[Tensor], masks: list[Tensor | None], ks: list[int], names: list[str]
 ) -> list[tuple[int, int]]:
     """Per tensor i, on its own: (key of its ks[i]-th smallest candidate magnitude, number of
     its candidates below that key). One batched histogram per radix pass for all tensors (one
@@ -109,9 +125,12 @@ def select_keys(
             nans, totals = hist[:, -1].tolist(), counts.sum(1).tolist()
             for j, (nan, total, k) in enumerate(zip(nans, totals, ks)):
                 if nan:
-                    raise ValueError(f"tensors[{j}]: {nan} NaN value(s); no threshold exists")
+                    raise ValueError(
+                        f"{names[j]}: {nan} NaN value(s) among the candidate weights; no "
+                        "magnitude threshold exists (did training diverge?)"
+                    )
                 if not 1 <= k <= total:
-                    raise ValueError(f"tensors[{j}]: k={k} is out of range: {total} candidates")
+                    raise ValueError(f"{names[j]}: count {k} is out of range: {total} candidates")
         cum = counts.cumsum(1)
         target = torch.tensor([k - b for k, b in zip(ks, below)], device=device).unsqueeze(1)
         digits = torch.searchsorted(cum, target).squeeze(1)
@@ -125,14 +144,20 @@ def select_keys(
 
 
 def prune_smallest_each(
-    tensors: Sequence[Tensor], counts: Sequence[int], masks: Sequence[Tensor | None] | None = None
+    tensors: Sequence[Tensor],
+    counts: Sequence[int],
+    masks: Sequence[Tensor | None] | None = None,
+    *,
+    names: Sequence[str] | None = None,
 ) -> list[Tensor]:
     """``prune_smallest`` applied to every tensor on its own (each its own count: per-layer
-    pruning), with the thresholds of all tensors selected together (batched histograms)."""
+    pruning), with the thresholds of all tensors selected together (batched histograms).
+    ``names`` label the tensors in error messages (default ``tensors[i]``)."""
     tensors = _as_list(tensors)
     masks = _as_masks(masks, len(tensors))
-    _ops._check_candidates(tensors, masks, "prune_smallest_each")
-    counts = [_check_k(c, "count") for c in counts]
+    labels = _names(names, len(tensors))
+    _ops._check_candidates(tensors, masks, "prune_smallest_each", labels)
+    counts = [_check_k(c, f"counts[{i}]") for i, c in enumerate(counts)]
     if len(counts) != len(tensors):
         raise ValueError(f"{len(counts)} counts for {len(tensors)} tensors")
     out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
@@ -141,7 +166,7 @@ def prune_smallest_each(
         out[i].copy_(True if masks[i] is None else masks[i])
     if todo:
         keys = select_keys([tensors[i] for i in todo], [masks[i] for i in todo],
-                           [counts[i] for i in todo])  # fmt: skip
+                           [counts[i] for i in todo], [labels[i] for i in todo])  # fmt: skip
         with torch.no_grad():
             for i, (key, below) in zip(todo, keys):
                 _ops._launch_threshold_mask([tensors[i]], [masks[i]], [out[i]], key,
@@ -159,16 +184,20 @@ def kth_smallest_magnitude(
     tensors: Tensor | Sequence[Tensor],
     k: int,
     masks: Tensor | Sequence[Tensor | None] | None = None,
+    *,
+    names: Sequence[str] | None = None,
 ) -> float:
     """The exact k-th smallest |w| (1-indexed) over one tensor or a list of tensors, as
     ``torch.kthvalue(torch.cat([t.flatten().abs() for t in tensors]), k)`` would give, without
     concatenating or copying them. ``masks`` (bool, like each tensor) restricts the candidates
-    to surviving entries. NaN anywhere among the candidates raises ``ValueError``."""
+    to surviving entries. NaN anywhere among the candidates raises ``ValueError`` naming the
+    tensor (``names``, default ``tensors[i]``)."""
     tensors = _as_list(tensors)
     masks = _as_masks(masks, len(tensors))
-    _ops._check_candidates(tensors, masks, "kth_smallest_magnitude")
+    labels = _names(names, len(tensors))
+    _ops._check_candidates(tensors, masks, "kth_smallest_magnitude", labels)
     k = _check_k(k)
-    key, _ = select_key(tensors, masks, k)
+    key, _ = select_key(tensors, masks, k, labels)
     return key_to_float(key, tensors[0].dtype)
 
 
@@ -176,20 +205,23 @@ def prune_smallest(
     tensors: Tensor | Sequence[Tensor],
     count: int,
     masks: Tensor | Sequence[Tensor | None] | None = None,
+    *,
+    names: Sequence[str] | None = None,
 ) -> list[Tensor]:
     """New masks that remove exactly `count` of the surviving weights: the smallest
     magnitudes, ties at the threshold broken by flat (memory) index over the list, lowest
     first. Already-pruned weights stay pruned. Returns one bool tensor per input tensor."""
     tensors = _as_list(tensors)
     masks = _as_masks(masks, len(tensors))
-    _ops._check_candidates(tensors, masks, "prune_smallest")
+    labels = _names(names, len(tensors))
+    _ops._check_candidates(tensors, masks, "prune_smallest", labels)
     count = _check_k(count, "count")
     out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
     if count == 0:
         for o, m in zip(out, masks):
             o.copy_(True if m is None else m)
         return out
-    key, below = select_key(tensors, masks, count)  # validates 1 <= count <= candidates
+    key, below = select_key(tensors, masks, count, labels)  # checks 1 <= count <= candidates
     with torch.no_grad():
         _ops._launch_threshold_mask(tensors, masks, out, key, count - below)
     return out
