@@ -41,16 +41,23 @@ class MaskedOptimizer:
             for i, p in enumerate(group["params"]):
                 yield gi, i, p
 
+    def _label(self, gi: int, i: int, p: Tensor) -> str:
+        names = self.param_groups[gi].get("param_names")
+        if names:
+            return f"parameter '{names[i]}'"
+        return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+
     def _name(self, param: Tensor) -> str:
         for gi, i, p in self._iter_params():
             if p is param:
-                names = self.param_groups[gi].get("param_names")
-                if names:
-                    return f"parameter '{names[i]}'"
-                return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+                return self._label(gi, i, p)
         raise ValueError(
             f"the tensor of shape {tuple(param.shape)} is not a parameter of this optimizer"
         )
+
+    def _labelled(self) -> list[tuple[str, Tensor]]:
+        """(name, parameter) for every parameter, in one pass (``_name`` is a search)."""
+        return [(self._label(gi, i, p), p) for gi, i, p in self._iter_params()]
 
     def _resolve(self, key: Tensor | str) -> Tensor:
         if isinstance(key, Tensor):
@@ -136,8 +143,12 @@ class MaskedOptimizer:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        params = self._unique_params()
-        names = [self._name(p) for p in params]
+        labelled, seen = [], set()
+        for name, p in self._labelled():
+            if id(p) not in seen:
+                seen.add(id(p))
+                labelled.append((name, p))
+        names, params = [n for n, _ in labelled], [p for _, p in labelled]
         _validate.saved_optimizer(state_dict, len(params))
         _validate.saved_state(state_dict["state"], params, self._state_buffers, self._counted)
         state_dict = dict(state_dict)
@@ -151,7 +162,7 @@ class MaskedOptimizer:
             self._after_load()
             for p in params:  # buffers the step will write: like their parameter, apart
                 self._buffers_of(p)
-            _validate.no_overlap(self._written())
+            _validate.no_overlap(self._written(labelled))
         except BaseException:
             self.state, self.param_groups, self._masks, self._restart = saved
             raise
@@ -164,15 +175,6 @@ class MaskedOptimizer:
         self._restart = {params[i] for i in restart}
         for hook in post_hooks.values():
             hook(self)
-
-    def _unique_params(self) -> list[Tensor]:
-        """Parameters in torch's state_dict numbering (position across all groups)."""
-        params, seen = [], set()
-        for _, _, p in self._iter_params():
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-        return params
 
     def _after_load(self) -> None:
         """Hook for subclasses to normalise loaded state."""
@@ -193,15 +195,20 @@ class MaskedOptimizer:
             b = state.get(key)
             if b is None:
                 continue
-            _validate.like(b, param, f"optimizer state '{key}'", self._name(param), layout=False)
+            if not (
+                isinstance(b, Tensor)
+                and b.shape == param.shape
+                and b.dtype == param.dtype
+                and b.device == param.device
+            ):  # the full check only to word the error (naming is a search)
+                _validate.like(b, param, f"optimizer state '{key}'", self._name(param), False)
             out.append(b)
         return out
 
-    def _written(self) -> list[tuple[str, Tensor]]:
+    def _written(self, labelled: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
         """Every tensor a step writes, by name: the aliasing check's input."""
         out = []
-        for p in self._unique_params():
-            name = self._name(p)
+        for name, p in labelled:
             out.append((name, p))
             state = self.state.get(p)
             if isinstance(state, dict):
@@ -215,7 +222,7 @@ class MaskedOptimizer:
         fused step would update the same memory from several threads)."""
         super().add_param_group(param_group)
         try:
-            _validate.no_overlap([(self._name(p), p) for _, _, p in self._iter_params()])
+            _validate.no_overlap(self._labelled())
         except ValueError:
             self.param_groups.pop()
             raise

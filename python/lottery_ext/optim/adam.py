@@ -24,8 +24,12 @@ class _MaskedAdamBase(MaskedOptimizer):
         # The native step keeps counters as float32 CPU scalars (torch may hand back float64
         # or int64, or float32 on the parameter's device).
         for p, state in self._param_states():
-            if "step" in state:
-                state["step"] = _validate.step_count(state["step"], self._name(p))
+            step = state.get("step")
+            if step is not None and not (
+                isinstance(step, Tensor) and step.dtype == torch.float32 and step.is_cpu
+                and step.dim() == 0
+            ):  # fmt: skip
+                state["step"] = _validate.step_count(step, self._name(p))
 
     def _init_state(self, p: Tensor, state: dict, amsgrad: bool, fused: bool) -> None:
         if not state:
@@ -37,7 +41,10 @@ class _MaskedAdamBase(MaskedOptimizer):
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         step = state.get("step")
-        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.is_cpu):
+        if not (
+            isinstance(step, Tensor) and step.dtype == torch.float32 and step.is_cpu
+            and step.dim() == 0
+        ):  # fmt: skip
             state["step"] = _validate.step_count(step, self._name(p))  # hand-edited state
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
