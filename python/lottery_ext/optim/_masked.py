@@ -14,6 +14,7 @@ import torch
 from .. import _ops, _validate
 
 Tensor = torch.Tensor
+_STRIDED = torch.strided
 
 
 class MaskedOptimizer:
@@ -227,6 +228,21 @@ class MaskedOptimizer:
             self.param_groups.pop()
             raise
 
+    # -- copy and pickle ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # torch keeps defaults, state and param_groups; a copy must keep its masks too
+        state = super().__getstate__()
+        state["_masks"], state["_restart"] = self._masks, self._restart
+        if "_decoupled_default" in self.__dict__:  # torch < 2.6: MaskedAdam keeps the flag
+            state["_decoupled_default"] = self._decoupled_default
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also called by torch's load_state_dict, without masks
+        self.__dict__.setdefault("_masks", {})
+        self.__dict__.setdefault("_restart", set())
+
     # -- per-step gathering ---------------------------------------------------------------------
 
     def _kernel_inputs(
@@ -242,19 +258,28 @@ class MaskedOptimizer:
         A parameter that is not one block of memory (a sliced view) steps on the reference
         path (``native`` False), which indexes logically as torch.optim does."""
         mask = self._masks.get(p)
-        bufs = [state[k] for k in keys]
-        if (
-            p.is_contiguous()
-            and _validate.fast_ok(p, g)
-            and p.dtype in _validate.DTYPE_CODES
-            and all(
-                b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
-                and b.is_contiguous()
-                for b in bufs
-            )
-            and (mask is None or (mask.device == p.device and mask.is_contiguous()))
-        ):  # fmt: skip
-            return g, bufs, mask, True
+        try:
+            bufs = [state[k] for k in keys]
+        except KeyError as e:  # hand-made state
+            raise ValueError(f"optimizer state of {self._name(p)} has no {e}") from None
+        dev, dtype, shape = p.device, p.dtype, p.shape
+        fast = (
+            g.layout == _STRIDED  # before is_contiguous, which sparse tensors do not have
+            and g.dtype == dtype and g.shape == shape and g.device == dev
+            and p.is_contiguous() and g.is_contiguous() and dtype in _validate.DTYPE_CODES
+            and (mask is None or (mask.shape == shape and mask.device == dev
+                                  and mask.is_contiguous()))
+        )  # fmt: skip
+        if fast:
+            for b in bufs:  # a loop, not all(<generator>): this runs per parameter per step
+                if not (
+                    b.dtype == dtype and b.shape == shape and b.device == dev
+                    and b.is_contiguous()
+                ):  # fmt: skip
+                    fast = False
+                    break
+            if fast:
+                return g, bufs, mask, True
         name = self._name(p)
         _validate.step_inputs(name, p, g, tuple(zip(keys, bufs)), mask, layout=False)
         if not _validate.is_dense(p):

@@ -46,9 +46,6 @@ class _MaskedAdamBase(MaskedOptimizer):
             and step.dim() == 0
         ):  # fmt: skip
             state["step"] = _validate.step_count(step, self._name(p))  # hand-edited state
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
-                raise ValueError(f"optimizer state of {self._name(p)} has no '{key}'")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -73,10 +70,17 @@ class _MaskedAdamBase(MaskedOptimizer):
                 self._init_state(p, state, amsgrad, group.get("fused") or False)
                 g, bufs, mask, native = self._kernel_inputs(p, g, state, keys)
                 key = (p.device, p.dtype) if native else None
-                lists = calls.get(key)
-                if lists is None:
-                    lists = calls[key] = _AdamLists()
-                lists.add(p, g, bufs, mask, state["step"])
+                c = calls.get(key)
+                if c is None:
+                    c = calls[key] = _AdamLists()
+                c.params.append(p)  # appends inlined: this runs per parameter per step
+                c.grads.append(g)
+                c.exp_avgs.append(bufs[0])
+                c.exp_avg_sqs.append(bufs[1])
+                if amsgrad:
+                    c.max_exp_avg_sqs.append(bufs[2])
+                c.masks.append(mask)
+                c.steps.append(state["step"])
             args = (lr, beta1, beta2, eps, wd, amsgrad, group["maximize"], decoupled)
             for key, c in calls.items():
                 if key is None:
@@ -105,16 +109,6 @@ class _AdamLists:
     def __init__(self) -> None:
         self.params, self.grads, self.masks, self.steps = [], [], [], []
         self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs = [], [], []
-
-    def add(self, p, g, bufs, mask, step) -> None:
-        self.params.append(p)
-        self.grads.append(g)
-        self.exp_avgs.append(bufs[0])
-        self.exp_avg_sqs.append(bufs[1])
-        if len(bufs) > 2:
-            self.max_exp_avg_sqs.append(bufs[2])
-        self.masks.append(mask)
-        self.steps.append(step)
 
 
 class MaskedAdam(_MaskedAdamBase, torch.optim.Adam):
