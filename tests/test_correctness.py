@@ -605,3 +605,30 @@ def test_out_of_range_integers_and_meta_are_named(call, exc, msg):
     out = torch.ones(10, dtype=torch.bool)
     with pytest.raises(exc, match=msg):
         call(t, hist, out)
+
+
+@pytest.mark.parametrize(
+    ("edit", "exc", "msg"),
+    [
+        (lambda p, o: o.state[p].__setitem__("exp_avg", "x"), TypeError, "'exp_avg'.*got str"),
+        (lambda p, o: o.state[p].__setitem__("exp_avg", None), TypeError, "got NoneType"),
+        (lambda p, o: o.state[p].pop("exp_avg_sq"), ValueError, "has no 'exp_avg_sq'"),
+        (lambda p, o: o.state.__setitem__(p, 5), TypeError, "is not a dict"),
+        (lambda p, o: setattr(p, "data", p.data[:3].clone()), ValueError, r"shape \(6,\)"),
+        (lambda p, o: o.state[p].__setitem__("step", torch.tensor([])), ValueError, "'step'"),
+        (
+            lambda p, o: o.state[p].__setitem__("step", torch.tensor(1.0, device="meta")),
+            ValueError,
+            "'step'",
+        ),
+    ],  # fmt: skip
+)
+def test_hand_edited_state_is_refused_by_name(edit, exc, msg):
+    p = nn.Parameter(torch.randn(6))
+    opt = MaskedAdam([p], lr=0.1, masks={p: torch.rand(6) > 0.5})
+    p.grad = torch.randn(6)
+    opt.step()
+    edit(p, opt)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(exc, match=msg):
+        opt.step()

@@ -271,13 +271,16 @@ class MaskedOptimizer:
                                   and mask.is_contiguous()))
         )  # fmt: skip
         if fast:
-            for b in bufs:  # a loop, not all(<generator>): this runs per parameter per step
-                if not (
-                    b.dtype == dtype and b.shape == shape and b.device == dev
-                    and b.is_contiguous()
-                ):  # fmt: skip
-                    fast = False
-                    break
+            try:  # (a hand-edited state may hold a non-tensor: the full check words it)
+                for b in bufs:  # a loop, not all(<generator>): runs per parameter per step
+                    if not (
+                        b.dtype == dtype and b.shape == shape and b.device == dev
+                        and b.is_contiguous()
+                    ):  # fmt: skip
+                        fast = False
+                        break
+            except AttributeError:
+                fast = False
             if fast:
                 return g, bufs, mask, True
         name = self._name(p)

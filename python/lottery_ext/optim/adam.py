@@ -67,6 +67,8 @@ class _MaskedAdamBase(MaskedOptimizer):
                 if g is None:
                     continue
                 state = self.state[p]
+                if not isinstance(state, dict):
+                    raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
                 self._init_state(p, state, amsgrad, group.get("fused") or False)
                 g, bufs, mask, native = self._kernel_inputs(p, g, state, keys)
                 key = (p.device, p.dtype) if native else None
