@@ -632,3 +632,33 @@ def test_hand_edited_state_is_refused_by_name(edit, exc, msg):
     p.grad = torch.randn_like(p)
     with pytest.raises(exc, match=msg):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=20),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=7),
+        lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.2, total_iters=5),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, 4),
+        lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5], 0.3),
+    ],
+    ids=["onecycle", "cosine", "linear", "warm_restarts", "multistep"],
+)
+def test_restart_scheduler_replays_the_schedule_from_the_start(make):
+    p = nn.Parameter(torch.randn(3))
+    opt = MaskedSGD([p], lr=0.1, momentum=0.9)
+    sched = make(opt)
+
+    def lrs():
+        out = []
+        for _ in range(12):
+            out.append(opt.param_groups[0]["lr"])
+            p.grad = torch.randn(3)
+            opt.step()
+            sched.step()
+        return out
+
+    first = lrs()
+    lx.restart_scheduler(sched)
+    assert lrs() == first

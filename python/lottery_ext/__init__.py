@@ -15,6 +15,7 @@ from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from .pruning import (
     MagnitudePruner,
     Snapshot,
+    from_torch_prune,
     kth_smallest_magnitude,
     prune_smallest,
     prune_smallest_each,
@@ -22,9 +23,12 @@ from .pruning import (
     restart_scheduler,
     rewind,
     snapshot,
+    to_torch_prune,
 )
 
 __version__ = "0.1.0"
+
+from .ticket import Ticket, load_ticket  # noqa: E402  (it reads __version__)
 
 
 def build_info() -> dict:
@@ -62,6 +66,10 @@ __all__ = [
     "restart_scheduler",
     "rewind",
     "snapshot",
+    "from_torch_prune",
+    "to_torch_prune",
+    "Ticket",
+    "load_ticket",
     "build_info",
     "ops",
     "__version__",

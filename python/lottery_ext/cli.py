@@ -76,6 +76,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .ticket import best_level, export_ticket
+
+    try:
+        if args.best:
+            if args.trial is not None or args.level is not None:
+                raise ValueError("--best chooses the trial and level: drop --trial/--level")
+            trial, level, why = best_level(args.run_dir, args.tolerance)
+            print(f"chose trial {trial}, level {level}: {why}")
+        else:
+            if args.trial is None or args.level is None:
+                raise ValueError("give --trial and --level, or --best")
+            trial, level = args.trial, args.level
+        ticket = export_ticket(args.run_dir, trial, level)
+        out = Path(args.out or f"ticket-trial{trial}-level{level}.pt")
+        ticket.save(out)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{out}: {ticket!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .experiments.presets import DEFAULT_PRESET
 
@@ -103,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.add_argument("--no-plots", action="store_true")
     rep.set_defaults(func=_cmd_report)
+
+    exp = sub.add_parser("export", help="save one ticket of a run as a file (lx.load_ticket)")
+    exp.add_argument("run_dir", help="a `lottery-ext find` run directory")
+    exp.add_argument("--trial", type=int, help="trial number (0-based)")
+    exp.add_argument("--level", type=int, help="pruning level (0 = dense)")
+    best_help = ("the sparsest level whose ticket's mean test accuracy is within --tolerance "
+                 "points of the dense network's, and its best trial")  # fmt: skip
+    exp.add_argument("--best", action="store_true", help=best_help)
+    exp.add_argument("--tolerance", type=float, default=0.5,
+                     help="percentage points below the dense accuracy allowed by --best "
+                          "(default 0.5)")  # fmt: skip
+    exp.add_argument("--out", help="ticket file (default ticket-trial<T>-level<L>.pt)")
+    exp.set_defaults(func=_cmd_export)
 
     sub.add_parser("presets", help="list the presets and their recipes").set_defaults(
         func=_cmd_presets

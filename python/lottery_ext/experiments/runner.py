@@ -3,10 +3,13 @@ also train the controls (same mask with a random re-init; a random mask of the s
 per-layer counts). Resumable at any moment from atomic checkpoints.
 
 Run directory:
-  config.json       every setting + library/torch versions (a rerun must match to resume)
+  config.json       every setting + library/torch versions (a rerun must match to resume),
+                    and the data's input shape and class count (to rebuild the model)
   results.jsonl     one object per (trial, control, level): the figures of the paper
   curves.jsonl      per-eval validation/test curves of each (trial, control, level)
-  state/            trial{t}_theta0.pt, trial{t}_masks{L}.pt, unit.pt (mid-level checkpoint)
+  state/trial{t}_theta.pt   {"theta0": θ0, "theta_k": θk or None} (Snapshot state dicts)
+  state/trial{t}_masks{L}.pt  name -> bool mask of trial t's ticket at level L >= 1
+  state/unit.pt     the unit in progress: model, optimizer, data order, history (resume)
 """
 
 from __future__ import annotations
@@ -84,8 +87,10 @@ class RunDir:
         self.results = self.path / "results.jsonl"
         self.curves = self.path / "curves.jsonl"
 
-    def open(self, cfg: RunConfig) -> None:
-        """Create the directory, or check that it holds a run of the same configuration."""
+    def open(self, cfg: RunConfig, data: dict | None = None) -> None:
+        """Create the directory, or check that it holds a run of the same configuration.
+        `data` (input_shape, num_classes) is recorded beside the configuration so that an
+        exported ticket can rebuild its model."""
         self.state.mkdir(parents=True, exist_ok=True)
         cfg_path = self.path / "config.json"
         ours = cfg.to_dict()
@@ -105,6 +110,8 @@ class RunDir:
                 "torch": torch.__version__,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
+            if data is not None:
+                meta["data"] = data
             atomic_write_bytes(cfg_path, (json.dumps(meta, indent=2) + "\n").encode())
         self._repair()
 
@@ -361,7 +368,8 @@ class Experiment:
         # data first: a wrong --data-dir must not leave a run directory behind
         data = load_dataset(cfg.dataset, self.data_dir, val_size=cfg.val_size, seed=cfg.seed)
         self.data = data.to(self.device)
-        self.run_dir.open(cfg)
+        self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
+                                "num_classes": int(data.num_classes)})  # fmt: skip
         done = self.run_dir.done()
         units = self._units()
         todo = [u for u in units if u not in done]

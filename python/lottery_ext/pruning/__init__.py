@@ -1,5 +1,6 @@
 """Magnitude thresholds, the pruner, and rewinding."""
 
+from .interop import from_torch_prune, to_torch_prune
 from .pruner import MagnitudePruner
 from .rewind import Snapshot, reinitialize, restart_scheduler, rewind, snapshot
 from .threshold import kth_smallest_magnitude, prune_smallest, prune_smallest_each
@@ -14,4 +15,6 @@ __all__ = [
     "restart_scheduler",
     "rewind",
     "snapshot",
+    "from_torch_prune",
+    "to_torch_prune",
 ]
