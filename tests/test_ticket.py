@@ -176,3 +176,13 @@ def test_ticket_from_own_model_needs_a_factory():
         lx.Ticket({"0.weight": torch.ones(3, 3, dtype=torch.bool)}, snap)
     with pytest.raises(ValueError, match="names no parameter"):
         lx.Ticket({"nope": torch.ones(3, dtype=torch.bool)}, snap)
+
+
+def test_find_dry_run_shows_every_parameter_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["find", "--dry-run", "--out", str(out), "--rate", "0.3"]) == 0
+    text = capsys.readouterr().out
+    assert "fc.weight" in text and "output layer (rate/2)" in text and "0.15" in text
+    assert "bias: prune_biases=False" in text and "nothing was trained or written" in text
+    assert not out.exists() and not (tmp_path / "runs").exists()

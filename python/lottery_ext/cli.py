@@ -53,6 +53,8 @@ def _cmd_find(args: argparse.Namespace) -> int:
         overrides["controls"] = [] if args.controls == "none" else args.controls.split(",")
     try:
         cfg = RunConfig.from_preset(PRESETS[args.preset], **overrides)
+        if args.dry_run:
+            return _dry_run(cfg, args.data_dir)
         out = Path(args.out) if args.out else default_out_dir(cfg)
         print(f"run directory: {out}")
         Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress).run()
@@ -62,6 +64,24 @@ def _cmd_find(args: argparse.Namespace) -> int:
     print(report(out, make_plots=not args.no_plots))
     print(f"\nresults: {out}/results.jsonl, summary: {out}/summary.csv"
           + ("" if args.no_plots else f", plots: {out}/accuracy.png"))  # fmt: skip
+    return 0
+
+
+def _dry_run(cfg, data_dir) -> int:
+    """What a run would prune, parameter by parameter, and its schedule; writes nothing."""
+    from . import format_prunable, prunable
+    from .experiments import runner
+    from .experiments.models import build_model
+
+    data = runner.load_dataset(cfg.dataset, data_dir, val_size=cfg.val_size, seed=cfg.seed)
+    model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes,
+                        dropout=cfg.dropout, hidden=cfg.hidden)  # fmt: skip
+    controls = ", ".join(cfg.controls) or "none"
+    print(f"preset {cfg.preset}: model {cfg.model}, data {cfg.dataset} {data.input_shape}, "
+          f"{cfg.trials} trial(s) x {cfg.rounds} round(s), controls {controls}, "
+          f"{cfg.iterations} iterations per training")  # fmt: skip
+    print(format_prunable(prunable(model, **runner.pruner_recipe(cfg))))
+    print("dry run: nothing was trained or written")
     return 0
 
 
@@ -120,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         find.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     find.add_argument("--no-progress", action="store_true", help="no progress bars")
     find.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    find.add_argument("--dry-run", action="store_true",
+                      help="print what would be pruned (every parameter, its rate and why) and "
+                           "exit without training or writing anything")  # fmt: skip
     find.set_defaults(func=_cmd_find)
 
     rep = sub.add_parser("report", help="tables and plots of a finished or running run")

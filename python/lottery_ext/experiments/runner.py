@@ -183,11 +183,15 @@ def lr_at(cfg: RunConfig, it: int) -> float:
     return lr * 0.1 ** sum(it >= m for m in cfg.milestones)
 
 
-def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
+def pruner_recipe(cfg: RunConfig) -> dict:
+    """The MagnitudePruner options of a run (also what ``find --dry-run`` shows)."""
     layer_rates = {"conv": cfg.conv_rate} if cfg.conv_rate is not None else None
-    return MagnitudePruner(
-        model, cfg.rate, output_rate=cfg.output_rate, layer_rates=layer_rates, scope=cfg.scope
-    )
+    return dict(rate=cfg.rate, output_rate=cfg.output_rate, layer_rates=layer_rates,
+                scope=cfg.scope)  # fmt: skip
+
+
+def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
+    return MagnitudePruner(model, **pruner_recipe(cfg))
 
 
 @torch.no_grad()

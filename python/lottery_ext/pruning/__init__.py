@@ -1,7 +1,7 @@
 """Magnitude thresholds, the pruner, and rewinding."""
 
 from .interop import from_torch_prune, to_torch_prune
-from .pruner import MagnitudePruner
+from .pruner import MagnitudePruner, format_prunable, prunable
 from .rewind import Snapshot, reinitialize, restart_scheduler, rewind, snapshot
 from .threshold import kth_smallest_magnitude, prune_smallest, prune_smallest_each
 
@@ -17,4 +17,6 @@ __all__ = [
     "snapshot",
     "from_torch_prune",
     "to_torch_prune",
+    "prunable",
+    "format_prunable",
 ]

@@ -90,6 +90,8 @@ def _resolve_masks(model: torch.nn.Module, masks) -> dict[str, Tensor]:
     out = {}
     for key, m in masks.items():
         name = by_id.get(id(key)) if isinstance(key, Tensor) else key
+        if isinstance(name, str) and name not in names and f"_orig_mod.{name}" in names:
+            name = f"_orig_mod.{name}"  # a torch.compile wrapper: pruner names have no prefix
         if name is None or name not in names:
             what = key if isinstance(key, str) else f"tensor of shape {tuple(key.shape)}"
             raise ValueError(f"mask key {what} is not a parameter of the model")
