@@ -207,7 +207,7 @@ def export_ticket(run_dir: str | os.PathLike, trial: int, level: int) -> Ticket:
     run's rewind point (θ0, or θk with ``--rewind-iteration k``), the recipe and the level's
     figures from results.jsonl."""
     from . import __version__
-    from .experiments.runner import load_checkpoint, read_jsonl
+    from .experiments.rundir import load_checkpoint, read_jsonl
 
     run_dir = Path(run_dir)
     meta = _run_config(run_dir)
@@ -258,7 +258,7 @@ def best_level(run_dir: str | os.PathLike, tolerance: float = 0.5) -> tuple[int,
     """(trial, level, why): the sparsest level whose ticket's mean test accuracy at early
     stopping (over the run's trials) is within `tolerance` percentage points of the dense
     network's (level 0), and the trial whose ticket scored best there."""
-    from .experiments.runner import read_jsonl
+    from .experiments.rundir import read_jsonl
 
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
         raise TypeError(f"tolerance must be a number of percentage points, got {tolerance!r}")

@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .runner import read_jsonl
+from .rundir import read_jsonl
 
 LABELS = {
     "ticket": "winning ticket (rewind)",

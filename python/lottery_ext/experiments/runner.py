@@ -2,185 +2,44 @@
 also train the controls (same mask with a random re-init; a random mask of the same
 per-layer counts). Resumable at any moment from atomic checkpoints.
 
-Run directory:
-  config.json       every setting + library/torch versions (a rerun must match to resume),
-                    and the data's input shape and class count (to rebuild the model)
-  results.jsonl     one object per (trial, control, level): the figures of the paper
-  curves.jsonl      per-eval validation/test curves of each (trial, control, level)
-  state/trial{t}_theta.pt   {"theta0": θ0, "theta_k": θk or None} (Snapshot state dicts)
-  state/trial{t}_masks{L}.pt  name -> bool mask of trial t's ticket at level L >= 1
-  state/unit.pt     the unit in progress: model, optimizer, data order, history (resume)
+Split by job: ``rundir`` (files), ``training`` (one unit's loop), ``controls`` (what each
+control trains and how it starts), ``schedule`` (the units and their dependencies); this
+module drives them. The run directory's files are described in ``rundir``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import MagnitudePruner, MaskedAdam, MaskedAdamW, MaskedSGD, __version__
-from ..pruning.rewind import Snapshot, reinitialize, rewind, snapshot
-from ..pruning.threshold import prune_smallest
-from .data import Batches, Dataset, augment_cifar, load_dataset
-from .models import build_model, init_fn, init_weights
+from .. import MagnitudePruner
+from ..pruning.rewind import Snapshot, snapshot
+from .controls import CONTROLS, REGISTRY, random_masks
+from .data import load_dataset
+from .models import build_model, init_weights
 from .presets import RunConfig
+from .rundir import (
+    RunDir,
+    atomic_torch_save,
+    atomic_write_bytes,
+    default_out_dir,
+    load_checkpoint,
+    read_jsonl,
+    unit_key,
+)
+from .schedule import units as schedule_units
+from .training import Level, evaluate, lr_at, make_optimizer, seed_for
 
-CONTROLS = ("ticket", "reinit", "random_prune")
-
-
-# ---- files ------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file. A torn last line (a write cut short by a kill) is skipped;
-    a bad line elsewhere is an error."""
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({exc})") from exc
-    return rows
-
-
-class RunDir:
-    """The run directory: config identity, the append-only results, checkpoints."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.state = self.path / "state"
-        self.results = self.path / "results.jsonl"
-        self.curves = self.path / "curves.jsonl"
-
-    def open(self, cfg: RunConfig, data: dict | None = None) -> None:
-        """Create the directory, or check that it holds a run of the same configuration.
-        `data` (input_shape, num_classes) is recorded beside the configuration so that an
-        exported ticket can rebuild its model."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.path / "config.json"
-        ours = cfg.to_dict()
-        if cfg_path.exists():
-            theirs = json.loads(cfg_path.read_text()).get("config", {})
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            if diff:
-                detail = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff[:6])
-                raise ValueError(
-                    f"{self.path} holds a run with a different configuration ({detail}); "
-                    "rerun with the same settings to resume it, or choose another --out"
-                )
-        else:
-            meta = {
-                "config": ours,
-                "lottery_ext": __version__,
-                "torch": torch.__version__,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-            if data is not None:
-                meta["data"] = data
-            atomic_write_bytes(cfg_path, (json.dumps(meta, indent=2) + "\n").encode())
-        self._repair()
-
-    def _repair(self) -> None:
-        """After a kill: drop a torn last line of results.jsonl, and curves of units whose
-        result never landed (curves are written first, results define what is done)."""
-        if self.results.exists():
-            raw = self.results.read_bytes()
-            if raw and not raw.endswith(b"\n"):
-                atomic_write_bytes(self.results, raw[: raw.rfind(b"\n") + 1])
-        done = {unit_key(r) for r in read_jsonl(self.results)}
-        if self.curves.exists():
-            raw = self.curves.read_bytes()
-            lines = [ln for ln in raw.splitlines() if ln.strip()]
-            keep = []
-            for ln in lines:
-                try:
-                    row = json.loads(ln)
-                except json.JSONDecodeError:
-                    continue
-                if unit_key(row) in done:
-                    keep.append(ln)
-            fixed = b"".join(ln + b"\n" for ln in keep)
-            if fixed != raw:
-                atomic_write_bytes(self.curves, fixed)
-
-    def done(self) -> dict[tuple, dict]:
-        return {unit_key(r): r for r in read_jsonl(self.results)}
-
-    def append(self, result: dict, curve: dict) -> None:
-        for path, row in ((self.curves, curve), (self.results, result)):
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-
-def unit_key(row: dict) -> tuple:
-    return (row["trial"], row["control"], row["level"])
-
-
-def default_out_dir(cfg: RunConfig) -> Path:
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    return Path("runs") / f"{cfg.preset}-{digest}"
-
-
-# ---- pieces of a level -----------------------------------------------------------------------
-
-
-def seed_for(cfg: RunConfig, *parts) -> int:
-    """A seed per (trial, purpose, level...), stable across runs and Python versions."""
-    text = ":".join(str(p) for p in (cfg.seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if cfg.optimizer == "adam":
-        return MaskedAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return MaskedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    momentum = cfg.momentum if cfg.optimizer == "momentum" else 0.0
-    return MaskedSGD(params, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
-
-
-def lr_at(cfg: RunConfig, it: int) -> float:
-    """Linear warmup over `warmup` iterations, then x0.1 at each milestone."""
-    lr = cfg.lr * min(1.0, (it + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-    return lr * 0.1 ** sum(it >= m for m in cfg.milestones)
+__all__ = [
+    "CONTROLS", "Experiment", "Level", "RunDir", "atomic_torch_save", "atomic_write_bytes",
+    "default_out_dir", "evaluate", "load_checkpoint", "load_dataset", "lr_at", "make_optimizer",
+    "make_pruner", "pruner_recipe", "random_masks", "read_jsonl", "seed_for", "unit_key",
+    "weights_remaining",
+]  # fmt: skip
 
 
 def pruner_recipe(cfg: RunConfig) -> dict:
@@ -194,152 +53,10 @@ def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
     return MagnitudePruner(model, **pruner_recipe(cfg))
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple:
-    """(mean cross-entropy, accuracy) in eval mode; (nan, nan) for an empty split."""
-    if len(y) == 0:
-        return math.nan, math.nan
-    was_training = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(y), batch):
-        out = model(x[i : i + batch])
-        loss += float(nn.functional.cross_entropy(out, y[i : i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i : i + batch]).sum())
-    model.train(was_training)
-    return loss / len(y), correct / len(y)
-
-
 def weights_remaining(pruner: MagnitudePruner, masks: dict[str, torch.Tensor]) -> float:
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(p.numel() for p in pruner.targets.values())
     return kept / total
-
-
-def random_masks(
-    cfg: RunConfig, ticket_masks: dict[str, torch.Tensor], trial: int, level: int
-) -> dict[str, torch.Tensor]:
-    """The random-mask control: each tensor keeps as many weights as the ticket, at random."""
-    gen = torch.Generator().manual_seed(seed_for(cfg, trial, "random_prune", level))
-    out = {}
-    for name, m in ticket_masks.items():
-        scores = torch.rand(m.shape, generator=gen)
-        out[name] = prune_smallest(scores, m.numel() - int(m.sum()))[0].to(m.device)
-    return out
-
-
-# ---- one level of one control: train with early-stopping bookkeeping --------------------------
-
-
-class Level:
-    """Trains `model` (already initialised and masked) for cfg.iterations, evaluating every
-    cfg.eval_every iterations; checkpoints to `ckpt_path` every cfg.checkpoint_every."""
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        data: Dataset,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        unit: dict,
-        ckpt_path: Path,
-        start_iteration: int = 0,
-        on_iteration: Callable[[int], None] | None = None,
-    ):
-        self.cfg, self.data, self.model, self.opt = cfg, data, model, optimizer
-        self.unit, self.ckpt_path = unit, ckpt_path
-        self.it = start_iteration
-        self.history: list[dict] = []
-        self.seconds = 0.0
-        seed = seed_for(cfg, unit["trial"], unit["control"], unit["level"])
-        self.batches = Batches(len(data.y_train), cfg.batch_size, seed)
-        self.aug_gen = torch.Generator().manual_seed(seed + 1)
-        self.on_iteration = on_iteration
-        torch.manual_seed(seed + 2)  # dropout draws from the global generator
-
-    def state_dict(self) -> dict:
-        return {
-            "unit": [self.unit["trial"], self.unit["control"], self.unit["level"]],
-            "iteration": self.it,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "batches": self.batches.state_dict(),
-            "aug_gen": self.aug_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "history": self.history,
-            "seconds": self.seconds,
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.it = int(sd["iteration"])
-        self.model.load_state_dict(sd["model"])
-        self.opt.load_state_dict(sd["optimizer"])
-        self.batches.load_state_dict(sd["batches"])
-        self.aug_gen.set_state(sd["aug_gen"])
-        torch.set_rng_state(sd["torch_rng"])
-        self.history = list(sd["history"])
-        self.seconds = float(sd["seconds"])
-
-    def evaluate_now(self) -> None:
-        d = self.data
-        val_loss, val_acc = evaluate(self.model, d.x_val, d.y_val)
-        test_loss, test_acc = evaluate(self.model, d.x_test, d.y_test)
-        self.history.append(dict(iteration=self.it, val_loss=val_loss, val_accuracy=val_acc,
-                                 test_loss=test_loss, test_accuracy=test_acc))  # fmt: skip
-
-    def run(self, progress=None) -> None:
-        cfg, d, model, opt = self.cfg, self.data, self.model, self.opt
-        model.train()
-        t0 = time.perf_counter()
-        loss_fn = nn.functional.cross_entropy
-        while self.it < cfg.iterations:
-            lr = lr_at(cfg, self.it)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = self.batches.next()
-            xb, yb = d.x_train[idx], d.y_train[idx]
-            if cfg.augment:
-                xb = augment_cifar(xb, self.aug_gen)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(xb), yb).backward()
-            opt.step()
-            self.it += 1
-            if self.on_iteration is not None:
-                self.on_iteration(self.it)
-            if self.it % cfg.eval_every == 0 or self.it == cfg.iterations:
-                self.evaluate_now()
-            if progress is not None:
-                progress.update(1)
-            if self.it % cfg.checkpoint_every == 0 and self.it < cfg.iterations:
-                self.seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                atomic_torch_save(self.state_dict(), self.ckpt_path)
-        self.seconds += time.perf_counter() - t0
-
-    def result(self, weights_left: float) -> tuple[dict, dict]:
-        d = self.data
-        finite = [h for h in self.history if not math.isnan(h["val_loss"])]
-        best = min(finite, key=lambda h: h["val_loss"]) if finite else self.history[-1]
-        _, train_acc = evaluate(self.model, d.x_train, d.y_train)
-        final = self.history[-1]
-        result = dict(
-            **self.unit,
-            weights_remaining=weights_left,
-            early_stop_iteration=best["iteration"],
-            test_accuracy_at_early_stop=best["test_accuracy"],
-            val_loss_at_early_stop=best["val_loss"],
-            val_accuracy_at_early_stop=best["val_accuracy"],
-            final_test_accuracy=final["test_accuracy"],
-            final_train_accuracy=train_acc,
-            train_test_gap=train_acc - final["test_accuracy"],
-            iterations=self.cfg.iterations,
-            seconds=round(self.seconds, 3),
-        )
-        curve = dict(**self.unit, history=self.history)
-        return result, curve
-
-
-# ---- the experiment ---------------------------------------------------------------------------
 
 
 class Experiment:
@@ -354,16 +71,6 @@ class Experiment:
                             dropout=cfg.dropout, hidden=cfg.hidden)  # fmt: skip
         return model.to(self.device)
 
-    def _units(self) -> list[tuple[int, str, int]]:
-        cfg = self.cfg
-        units = []
-        for t in range(cfg.trials):
-            for level in range(cfg.rounds + 1):
-                units.append((t, "ticket", level))
-                if level > 0:
-                    units += [(t, c, level) for c in CONTROLS[1:] if c in cfg.controls]
-        return units
-
     def run(self) -> Path:
         cfg = self.cfg
         if cfg.threads:
@@ -375,7 +82,7 @@ class Experiment:
         self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
                                 "num_classes": int(data.num_classes)})  # fmt: skip
         done = self.run_dir.done()
-        units = self._units()
+        units = [tuple(u) for u in schedule_units(cfg)]
         todo = [u for u in units if u not in done]
         if not todo:
             (self.run_dir.state / "unit.pt").unlink(missing_ok=True)  # a kill after the last result
@@ -422,10 +129,9 @@ class Experiment:
                 masks = {
                     n: m.to(self.device) for n, m in load_checkpoint(masks_path(level)).items()
                 }
-            if control == "random_prune":
-                masks = random_masks(cfg, masks, trial, level)
+            masks = REGISTRY[control].masks(cfg, masks, trial, level)
             # tickets and random masks of later levels rewind to θk; the dense level starts at θ0
-            late = theta_k is not None and control != "reinit" and level > 0
+            late = theta_k is not None and REGISTRY[control].late_rewind and level > 0
             start = theta_k if late else theta0
             capture_k = control == "ticket" and level == 0 and cfg.rewind_iteration > 0
             self._train_unit(trial, control, level, model, pruner, masks, start, theta0,
@@ -445,11 +151,7 @@ class Experiment:
         opt = make_optimizer(cfg, model)
         # Initialise: the ticket and the random mask rewind to θ0 (or θk), which also hands
         # the masks to the optimizer in the same pass; reinit draws fresh weights.
-        if control == "reinit":
-            reinitialize(model, masks, seed=seed_for(cfg, trial, "reinit", level),
-                         init_fn=init_fn(cfg.init), optimizer=opt)  # fmt: skip
-        else:
-            rewind(model, start, masks, opt)
+        REGISTRY[control].start(cfg, model, masks, start, opt, trial, level)
         start_it = cfg.rewind_iteration if (start is not theta0 and level > 0) else 0
 
         def capture(it: int) -> None:
@@ -470,8 +172,7 @@ class Experiment:
         result, curve = lvl.result(weights_remaining(pruner, masks))
         if control == "ticket":
             # Prune now: the next level's masks, and how far kept vs to-be-pruned weights moved.
-            pruner.load_state_dict({"masks": masks, "rounds": level})
-            next_masks = pruner.compute_masks()
+            next_masks = pruner.compute_masks(masks)  # pure: the pruner is not changed
             result.update(self._movement(model, theta0, masks, next_masks))
             if level < cfg.rounds:
                 atomic_torch_save(

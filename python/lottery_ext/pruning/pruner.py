@@ -488,30 +488,32 @@ class MagnitudePruner:
         """name -> bool mask (True = kept) for every pruned tensor."""
         return dict(self._masks)
 
-    def _layer_counts(self) -> dict[str, int]:
+    def _layer_counts(self, old: Mapping[str, Tensor]) -> dict[str, int]:
         """Layer scope: how many weights each tensor loses this round (exact, compounded)."""
-        return {n: round(self.rates[n] * int(m.sum())) for n, m in self._masks.items()}
+        return {n: round(self.rates[n] * int(m.sum())) for n, m in old.items()}
 
     def _global_pool(self) -> list[str]:
         return [n for n in self.targets if n not in self._output_names or self.output_in_global]
 
     @torch.no_grad()
-    def _magnitude_round(self) -> dict[str, Tensor]:
+    def _magnitude_round(self, old: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The next round's masks from `old` (default: the pruner's own), nothing changed."""
+        old = self._masks if old is None else old
         new = {}
         if self.scope == "layer":
-            counts = self._layer_counts()
+            counts = self._layer_counts(old)
             groups: dict[tuple, list[str]] = {}
             for name, p in self.targets.items():
                 groups.setdefault((p.device, p.dtype), []).append(name)
             for names in groups.values():  # each layer its own threshold, selected together
                 tensors = [self.targets[n].detach() for n in names]
                 masks = prune_smallest_each(tensors, [counts[n] for n in names],
-                                            [self._masks[n] for n in names],
+                                            [old[n] for n in names],
                                             names=names)  # fmt: skip
                 new.update(zip(names, masks))
             return new
         pool = self._global_pool()
-        remaining = sum(int(self._masks[n].sum()) for n in pool)
+        remaining = sum(int(old[n].sum()) for n in pool)
         tensors = [self.targets[n].detach() for n in pool]
         by_dtype: dict[tuple, list[int]] = {}
         for i, t in enumerate(tensors):
@@ -520,18 +522,39 @@ class MagnitudePruner:
             raise TypeError("global pruning needs all pruned tensors on one device and dtype")
         if pool:  # empty when the output layer is all there is
             out = prune_smallest(tensors, round(self.rate * remaining),
-                                 [self._masks[n] for n in pool], names=pool)  # fmt: skip
+                                 [old[n] for n in pool], names=pool)  # fmt: skip
             new.update(zip(pool, out))
         for name in self.targets:
             if name not in new:  # the output layer, at its own rate
-                count = round(self.output_rate * int(self._masks[name].sum()))
-                new[name] = prune_smallest(self.targets[name].detach(), count, self._masks[name],
+                count = round(self.output_rate * int(old[name].sum()))
+                new[name] = prune_smallest(self.targets[name].detach(), count, old[name],
                                            names=[name])[0]  # fmt: skip
         return new
 
-    def compute_masks(self) -> dict[str, Tensor]:
-        """The masks the next ``prune()`` would produce, without applying them."""
-        return self._magnitude_round()
+    def compute_masks(self, masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The masks the next ``prune()`` would produce, without applying them or changing
+        the pruner: from `masks` (name -> bool mask of every pruned tensor, e.g. a level's
+        ticket) when given, else from the pruner's own. A pure function of the model's
+        current weights, the masks and the recipe."""
+        if masks is None:
+            return self._magnitude_round()
+        return self._magnitude_round(self._checked_masks(masks))
+
+    def _checked_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """`masks` checked against the pruned tensors, in each parameter's memory layout."""
+        if set(masks) != set(self.targets):
+            raise ValueError(
+                f"mask names differ from this pruner's tensors: "
+                f"missing {sorted(set(self.targets) - set(masks))[:5]}, "
+                f"unexpected {sorted(set(masks) - set(self.targets))[:5]}"
+            )
+        out = {}
+        for name, p in self.targets.items():  # check everything before changing anything
+            m = masks[name]
+            m = m.to(p.device) if isinstance(m, Tensor) else m
+            _validate.mask(m, p, name)
+            out[name] = torch.empty_like(p, dtype=torch.bool).copy_(m)  # p's memory layout
+        return out
 
     def prune(self) -> dict[str, Tensor]:
         """One round of magnitude pruning. Zeroes the newly pruned weights, updates attached
@@ -654,18 +677,6 @@ class MagnitudePruner:
         return {"masks": {n: m.clone() for n, m in self._masks.items()}, "rounds": self.rounds}
 
     def load_state_dict(self, sd: Mapping) -> None:
-        masks = sd["masks"]
-        if set(masks) != set(self.targets):
-            raise ValueError(
-                f"mask names differ from this pruner's tensors: "
-                f"missing {sorted(set(self.targets) - set(masks))[:5]}, "
-                f"unexpected {sorted(set(masks) - set(self.targets))[:5]}"
-            )
-        loaded = {}
-        for name, p in self.targets.items():  # check everything before changing anything
-            m = masks[name].to(p.device)
-            _validate.mask(m, p, name)
-            loaded[name] = torch.empty_like(p, dtype=torch.bool).copy_(m)  # p's memory layout
-        self._masks = loaded
+        self._masks = self._checked_masks(sd["masks"])
         self.rounds = int(sd.get("rounds", 0))
         self.apply()

@@ -1,0 +1,66 @@
+"""The controls of the paper, as a registry: what each trains at a level (its mask) and how
+its network starts (its initialisation). ``ticket``: the pruned mask, survivors rewound to θ0
+(or θk); ``reinit``: the same mask, a fresh random initialisation; ``random_prune``: a random
+mask with the ticket's per-layer counts, rewound like the ticket."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..pruning.rewind import Snapshot, reinitialize, rewind
+from ..pruning.threshold import prune_smallest
+from .models import init_fn
+from .presets import RunConfig
+from .training import seed_for
+
+Masks = dict[str, torch.Tensor]
+
+
+def random_masks(
+    cfg: RunConfig, ticket_masks: dict[str, torch.Tensor], trial: int, level: int
+) -> dict[str, torch.Tensor]:
+    """The random-mask control: each tensor keeps as many weights as the ticket, at random."""
+    gen = torch.Generator().manual_seed(seed_for(cfg, trial, "random_prune", level))
+    out = {}
+    for name, m in ticket_masks.items():
+        scores = torch.rand(m.shape, generator=gen)
+        out[name] = prune_smallest(scores, m.numel() - int(m.sum()))[0].to(m.device)
+    return out
+
+
+def _same_masks(cfg: RunConfig, masks: Masks, trial: int, level: int) -> Masks:
+    return masks
+
+
+def _rewound(cfg, model, masks, start, optimizer, trial, level) -> None:
+    rewind(model, start, masks, optimizer)
+
+
+def _reinitialised(cfg, model, masks, start, optimizer, trial, level) -> None:
+    reinitialize(model, masks, seed=seed_for(cfg, trial, "reinit", level),
+                 init_fn=init_fn(cfg.init), optimizer=optimizer)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Control:
+    """``masks(cfg, ticket_masks, trial, level)``: the mask trained; ``start(cfg, model,
+    masks, snapshot, optimizer, trial, level)``: puts the model at its starting point and
+    hands the masks to the optimizer; ``late_rewind``: starts from θk under late rewinding."""
+
+    name: str
+    masks: Callable[[RunConfig, Masks, int, int], Masks]
+    start: Callable[[RunConfig, nn.Module, Masks, Snapshot, torch.optim.Optimizer, int, int],
+                    None]  # fmt: skip
+    late_rewind: bool
+
+
+REGISTRY = {
+    "ticket": Control("ticket", _same_masks, _rewound, late_rewind=True),
+    "reinit": Control("reinit", _same_masks, _reinitialised, late_rewind=False),
+    "random_prune": Control("random_prune", random_masks, _rewound, late_rewind=True),
+}
+CONTROLS = tuple(REGISTRY)  # the ticket first, then the controls in their fixed order
