@@ -540,8 +540,17 @@ def test_random_masks_is_pure_and_prune_randomly_commits():
     assert pruner.rounds == 0 and all(torch.equal(before[n], m) for n, m in pruner.masks.items())
     assert torch.equal(model[0].weight.detach(), weights)
     assert all(int(m.sum()) < int(before[n].sum()) for n, m in masks.items())
-    committed = pruner.prune_randomly(seed=3)
-    assert pruner.rounds == 1 and all(torch.equal(masks[n], m) for n, m in committed.items())
+    magnitude = pruner.compute_masks()  # the control keeps what the next round keeps
+    assert all(int(m.sum()) == int(magnitude[n].sum()) for n, m in masks.items())
+    # one semantic with the runner's random-mask control: the same draw for the same generator
+    from lottery_ext.pruning.pruner import random_like
+
+    again = random_like(magnitude, torch.Generator().manual_seed(3))
+    assert all(torch.equal(again[n], m) for n, m in masks.items())
+    committed = pruner.prune_randomly(seed=3)  # iterative random pruning: nested, committed
+    assert pruner.rounds == 1
+    for n, m in committed.items():
+        assert int(m.sum()) == int(magnitude[n].sum()) and not (m & ~before[n]).any()
     with pytest.warns(DeprecationWarning, match="random_masks"):
         pruner.random_prune(seed=4)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..pruning.pruner import random_like
 from ..pruning.rewind import Snapshot, reinitialize, rewind
-from ..pruning.threshold import prune_smallest
 from .models import init_fn
 from .presets import RunConfig
 from .training import seed_for
@@ -20,16 +20,11 @@ from .training import seed_for
 Masks = dict[str, torch.Tensor]
 
 
-def random_masks(
-    cfg: RunConfig, ticket_masks: dict[str, torch.Tensor], trial: int, level: int
-) -> dict[str, torch.Tensor]:
-    """The random-mask control: each tensor keeps as many weights as the ticket, at random."""
+def random_masks(cfg: RunConfig, ticket_masks: Masks, trial: int, level: int) -> Masks:
+    """The random-mask control: each tensor keeps as many weights as the ticket, at random
+    (``MagnitudePruner.random_masks`` draws the same way: one semantic)."""
     gen = torch.Generator().manual_seed(seed_for(cfg, trial, "random_prune", level))
-    out = {}
-    for name, m in ticket_masks.items():
-        scores = torch.rand(m.shape, generator=gen)
-        out[name] = prune_smallest(scores, m.numel() - int(m.sum()))[0].to(m.device)
-    return out
+    return random_like(ticket_masks, gen)
 
 
 def _same_masks(cfg: RunConfig, masks: Masks, trial: int, level: int) -> Masks:

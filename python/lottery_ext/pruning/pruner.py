@@ -376,6 +376,18 @@ def _plan(
     return _Plan(rows, targets, rates, output_names, output_layer, errors)
 
 
+@torch.no_grad()
+def random_like(masks: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """The random-mask control for `masks`: per tensor (in the mapping's order), a new mask
+    keeping exactly as many weights, at positions drawn uniformly over the whole tensor from
+    `generator` (one ``torch.rand`` of the tensor's shape each; ties cannot bias it)."""
+    out = {}
+    for name, m in masks.items():
+        scores = torch.rand(m.shape, generator=generator)
+        out[name] = prune_smallest(scores, m.numel() - int(m.sum()), names=[name])[0].to(m.device)
+    return out
+
+
 def prunable(model: nn.Module, **recipe) -> list[dict]:
     """What ``MagnitudePruner(model, **recipe)`` would prune, without pruning anything: one
     row per parameter of the model (in ``named_parameters()`` order) with ``name``,
@@ -561,11 +573,19 @@ class MagnitudePruner:
         optimizers, and returns the new masks (name -> bool tensor)."""
         return self._commit(self._magnitude_round())
 
-    @torch.no_grad()
     def random_masks(self, seed: int = 0) -> dict[str, Tensor]:
-        """The random-mask control, without changing anything: for each tensor, the masks
-        ``prune()`` would give it next, but with exactly as many of its surviving weights
-        removed at random (seeded) as ``prune()`` would remove by magnitude."""
+        """The random-mask control of the next round, without changing anything: each
+        tensor keeps exactly as many weights as ``prune()`` would leave it, at positions drawn
+        uniformly over the whole tensor (``random_like``, seeded) — the paper's "randomly
+        pruned network" of the same per-layer sparsity, as ``lottery-ext find`` trains it."""
+        return random_like(self.compute_masks(), torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def prune_randomly(self, seed: int = 0) -> dict[str, Tensor]:
+        """One round of iterative random pruning, committed like ``prune()``: each tensor
+        loses as many of its *surviving* weights as ``prune()`` would remove, chosen at
+        random (seeded; pruned weights stay pruned). Zeroes the removed weights, updates
+        attached optimizers, returns the masks."""
         magnitude = self._magnitude_round()
         gen = torch.Generator().manual_seed(seed)
         new = {}
@@ -576,12 +596,7 @@ class MagnitudePruner:
             scores = torch.empty_like(old, dtype=torch.float32)
             scores.copy_(torch.rand(p.shape, generator=gen))
             new[name] = prune_smallest(scores, count, old, names=[name])[0]
-        return new
-
-    def prune_randomly(self, seed: int = 0) -> dict[str, Tensor]:
-        """One round of random pruning (``random_masks(seed)``) committed like ``prune()``:
-        zeroes the removed weights, updates attached optimizers, returns the masks."""
-        return self._commit(self.random_masks(seed))
+        return self._commit(new)
 
     def random_prune(self, seed: int = 0) -> dict[str, Tensor]:
         """Deprecated: its name hid that it changes the pruner. Use ``random_masks(seed)``
