@@ -30,7 +30,8 @@ from .pruning import (
 
 __version__ = "0.1.0"
 
-from .ticket import Ticket, load_ticket  # noqa: E402  (it reads __version__)
+from .search import TicketSearch  # noqa: E402
+from .ticket import Ticket, load_ticket  # noqa: E402
 
 
 def build_info() -> dict:
@@ -73,6 +74,7 @@ __all__ = [
     "prunable",
     "format_prunable",
     "Ticket",
+    "TicketSearch",
     "load_ticket",
     "build_info",
     "ops",

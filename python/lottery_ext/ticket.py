@@ -53,6 +53,7 @@ class Ticket:
             self.masks[name] = m.detach().to("cpu", copy=True)
         self.rewind_point = rewind_point
         self.recipe = json.loads(json.dumps(dict(recipe or {})))  # JSON-compatible, a copy
+        self.factory: Callable[[], nn.Module] | None = None  # builds the model (not saved)
         self.provenance = json.loads(json.dumps(dict(provenance or {})))
 
     # -- figures ---------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class Ticket:
         ``lottery_ext.MaskedSGD(model.parameters(), ..., masks=ticket.masks)``). `factory`
         builds the architecture; tickets exported from a preset run know theirs."""
         if factory is None:
-            factory = self._preset_factory()
+            factory = self.factory or self._preset_factory()
         model = factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"factory must return an nn.Module, got {type(model).__name__}")

@@ -9,11 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..pruning.pruner import random_like
-from ..pruning.rewind import Snapshot, reinitialize, rewind
-from .models import init_fn
+from ..pruning.rewind import reinitialize, rewind
 from .presets import RunConfig
 from .training import seed_for
 
@@ -31,25 +29,25 @@ def _same_masks(cfg: RunConfig, masks: Masks, trial: int, level: int) -> Masks:
     return masks
 
 
-def _rewound(cfg, model, masks, start, optimizer, trial, level) -> None:
+def _rewound(cfg, task, model, masks, start, optimizer, trial, level) -> None:
     rewind(model, start, masks, optimizer)
 
 
-def _reinitialised(cfg, model, masks, start, optimizer, trial, level) -> None:
+def _reinitialised(cfg, task, model, masks, start, optimizer, trial, level) -> None:
     reinitialize(model, masks, seed=seed_for(cfg, trial, "reinit", level),
-                 init_fn=init_fn(cfg.init), optimizer=optimizer)  # fmt: skip
+                 init_fn=task.reinit_fn, optimizer=optimizer)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Control:
-    """``masks(cfg, ticket_masks, trial, level)``: the mask trained; ``start(cfg, model,
-    masks, snapshot, optimizer, trial, level)``: puts the model at its starting point and
-    hands the masks to the optimizer; ``late_rewind``: starts from θk under late rewinding."""
+    """``masks(cfg, ticket_masks, trial, level)``: the mask trained; ``start(cfg, task,
+    model, masks, snapshot, optimizer, trial, level)``: puts the model at its starting point
+    and hands the masks to the optimizer; ``late_rewind``: starts from θk under late
+    rewinding."""
 
     name: str
     masks: Callable[[RunConfig, Masks, int, int], Masks]
-    start: Callable[[RunConfig, nn.Module, Masks, Snapshot, torch.optim.Optimizer, int, int],
-                    None]  # fmt: skip
+    start: Callable[..., None]
     late_rewind: bool
 
 

@@ -226,6 +226,8 @@ class RunConfig:
     device: str = "cpu"
     threads: int | None = None
     checkpoint_every: int = 1000
+    # TicketSearch only: the MagnitudePruner options as given (presets derive theirs)
+    pruner_options: dict | None = None
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides) -> RunConfig:
@@ -248,7 +250,8 @@ class RunConfig:
         return cfg
 
     def check(self) -> None:
-        if self.optimizer not in ("sgd", "momentum", "adam", "adamw"):
+        custom = self.preset == "custom"  # TicketSearch: the optimizer is the user's factory
+        if not custom and self.optimizer not in ("sgd", "momentum", "adam", "adamw"):
             raise ValueError(
                 f"optimizer must be sgd, momentum, adam or adamw, not {self.optimizer!r}"
             )
@@ -273,8 +276,11 @@ class RunConfig:
                 raise ValueError(f"{key} must be in [0, 1), got {value}")
         if self.optimizer == "momentum" and self.momentum <= 0:
             raise ValueError("optimizer 'momentum' needs --momentum > 0 (or use --optimizer sgd)")
-        if self.lr <= 0 or self.warmup < 0 or not 0 <= self.dropout < 1:
+        if not custom and (self.lr <= 0 or self.warmup < 0 or not 0 <= self.dropout < 1):
             raise ValueError("lr must be > 0, warmup >= 0 and dropout in [0, 1)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["pruner_options"] is None:  # presets: the same dict (and run-directory hash)
+            del d["pruner_options"]
+        return d

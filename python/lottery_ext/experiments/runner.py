@@ -20,7 +20,7 @@ from .. import MagnitudePruner
 from ..pruning.rewind import Snapshot, snapshot
 from .controls import CONTROLS, REGISTRY, random_masks
 from .data import load_dataset
-from .models import build_model, init_weights
+from .models import init_weights
 from .presets import RunConfig
 from .rundir import (
     RunDir,
@@ -32,6 +32,7 @@ from .rundir import (
     unit_key,
 )
 from .schedule import units as schedule_units
+from .task import PresetTask, UserTask, fast_forward
 from .training import Level, evaluate, lr_at, make_optimizer, seed_for
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
 
 def pruner_recipe(cfg: RunConfig) -> dict:
     """The MagnitudePruner options of a run (also what ``find --dry-run`` shows)."""
+    if cfg.pruner_options is not None:  # TicketSearch: the user's recipe, as given
+        return dict(cfg.pruner_options)
     layer_rates = {"conv": cfg.conv_rate} if cfg.conv_rate is not None else None
     return dict(rate=cfg.rate, output_rate=cfg.output_rate, layer_rates=layer_rates,
                 scope=cfg.scope)  # fmt: skip
@@ -61,26 +64,30 @@ def weights_remaining(pruner: MagnitudePruner, masks: dict[str, torch.Tensor]) -
 
 class Experiment:
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, data_dir=None, progress=True,
-                 log: Callable[[str], None] = print):  # fmt: skip
+                 log: Callable[[str], None] = print, task=None):  # fmt: skip
+        """`task`: a user's ``task.UserTask`` (``TicketSearch``); default: the preset's, with
+        its data set loaded from `data_dir`."""
         self.cfg, self.data_dir, self.progress, self.log = cfg, data_dir, progress, log
         self.run_dir = RunDir(out_dir)
+        self.task = task
 
     def _model(self) -> nn.Module:
-        d, cfg = self.data, self.cfg
-        model = build_model(cfg.model, input_shape=d.input_shape, num_classes=d.num_classes,
-                            dropout=cfg.dropout, hidden=cfg.hidden)  # fmt: skip
-        return model.to(self.device)
+        return self.task.build_model().to(self.device)
 
     def run(self) -> Path:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
-        # data first: a wrong --data-dir must not leave a run directory behind
-        data = load_dataset(cfg.dataset, self.data_dir, val_size=cfg.val_size, seed=cfg.seed)
-        self.data = data.to(self.device)
-        self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
-                                "num_classes": int(data.num_classes)})  # fmt: skip
+        if self.task is None:
+            # data first: a wrong --data-dir must not leave a run directory behind
+            data = load_dataset(cfg.dataset, self.data_dir, val_size=cfg.val_size, seed=cfg.seed)
+            self.data = data.to(self.device)
+            self.task = PresetTask(cfg, self.data)
+            self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
+                                    "num_classes": int(data.num_classes)})  # fmt: skip
+        else:
+            self.run_dir.open(cfg)
         done = self.run_dir.done()
         units = [tuple(u) for u in schedule_units(cfg)]
         todo = [u for u in units if u not in done]
@@ -101,6 +108,9 @@ class Experiment:
 
     # -- one trial -----------------------------------------------------------------------------
 
+    def _devices(self) -> list:
+        return [self.device] if self.device.type == "cuda" else []
+
     def _trial_files(self, trial: int) -> tuple[Path, Callable[[int], Path]]:
         s = self.run_dir.state
         return s / f"trial{trial}_theta.pt", lambda level: s / f"trial{trial}_masks{level}.pt"
@@ -108,16 +118,23 @@ class Experiment:
     def _run_trial(self, trial: int, todo: list[tuple], bar) -> None:
         cfg = self.cfg
         theta_path, masks_path = self._trial_files(trial)
-        model = self._model()
+        own = isinstance(self.task, UserTask)
+        if own:  # θ0 is what the user's factory draws, under the trial's seed
+            with torch.random.fork_rng(devices=self._devices()):
+                torch.manual_seed(seed_for(cfg, trial, "init"))
+                model = self._model()
+        else:
+            model = self._model()
         pruner = make_pruner(cfg, model)
         if theta_path.exists():
             saved = load_checkpoint(theta_path)
             theta0 = Snapshot.from_state_dict(saved["theta0"])
             theta_k = Snapshot.from_state_dict(saved["theta_k"]) if saved["theta_k"] else None
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_for(cfg, trial, "init"))
-                init_weights(model, cfg.init)
+            if not own:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed_for(cfg, trial, "init"))
+                    init_weights(model, cfg.init)
             theta0, theta_k = snapshot(model), None
             if cfg.rewind_iteration == 0:
                 self._save_theta(theta_path, theta0, None)
@@ -148,17 +165,19 @@ class Experiment:
         cfg = self.cfg
         unit = {"trial": trial, "control": control, "level": level}
         ckpt = self.run_dir.state / "unit.pt"
-        opt = make_optimizer(cfg, model)
+        opt, sched = self.task.make_optimizer(model)
         # Initialise: the ticket and the random mask rewind to θ0 (or θk), which also hands
         # the masks to the optimizer in the same pass; reinit draws fresh weights.
-        REGISTRY[control].start(cfg, model, masks, start, opt, trial, level)
+        REGISTRY[control].start(cfg, self.task, model, masks, start, opt, trial, level)
         start_it = cfg.rewind_iteration if (start is not theta0 and level > 0) else 0
+        fast_forward(sched, start_it)  # a schedule rewound to θk restarts at k
 
         def capture(it: int) -> None:
             if capture_k and it == cfg.rewind_iteration:
                 self._save_theta(theta_path, theta0, snapshot(model, iteration=it))
 
-        lvl = Level(cfg, self.data, model, opt, unit, ckpt, start_it, on_iteration=capture)
+        lvl = Level(cfg, self.task, model, opt, unit, ckpt, start_it, on_iteration=capture,
+                    scheduler=sched)  # fmt: skip
         if ckpt.exists():
             sd = load_checkpoint(ckpt)
             if sd["unit"] == [trial, control, level]:
@@ -182,11 +201,15 @@ class Experiment:
         if ckpt.exists():
             ckpt.unlink()
         bar.update(1)
+        if "test_accuracy_at_early_stop" in result:
+            figure = f"test acc {100 * result['test_accuracy_at_early_stop']:.2f}%"
+        else:  # a user's own metric
+            key = f"{self.task.early_stop_on}_at_early_stop"
+            figure = f"{key} {result.get(key, float('nan')):.4g}"
         bar.write(
             f"trial {trial} {control:12s} level {level:2d}: "
             f"{100 * result['weights_remaining']:6.2f}% weights, early stop @ "
-            f"{result['early_stop_iteration']:>6d}, test acc "
-            f"{100 * result['test_accuracy_at_early_stop']:.2f}%"
+            f"{result['early_stop_iteration']:>6d}, {figure}"
         )
 
     @staticmethod

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import MaskedAdam, MaskedAdamW, MaskedSGD
-from .data import Batches, Dataset, augment_cifar
+from .data import Batches, Dataset
 from .presets import RunConfig
 from .rundir import atomic_torch_save
 
@@ -58,32 +58,40 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
 
 class Level:
     """Trains `model` (already initialised and masked) for cfg.iterations, evaluating every
-    cfg.eval_every iterations; checkpoints to `ckpt_path` every cfg.checkpoint_every."""
+    cfg.eval_every iterations; checkpoints to `ckpt_path` every cfg.checkpoint_every.
+    `task` (a ``task.PresetTask`` or ``task.UserTask``; a preset's ``Dataset`` is wrapped)
+    supplies the batches, the training step, the schedule and the metrics."""
 
     def __init__(
         self,
         cfg: RunConfig,
-        data: Dataset,
+        task,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         unit: dict,
         ckpt_path: Path,
         start_iteration: int = 0,
         on_iteration: Callable[[int], None] | None = None,
+        scheduler=None,
     ):
-        self.cfg, self.data, self.model, self.opt = cfg, data, model, optimizer
+        from .task import PresetTask
+
+        if isinstance(task, Dataset):
+            task = PresetTask(cfg, task)
+        self.cfg, self.task, self.model, self.opt = cfg, task, model, optimizer
+        self.scheduler = scheduler
         self.unit, self.ckpt_path = unit, ckpt_path
         self.it = start_iteration
         self.history: list[dict] = []
         self.seconds = 0.0
         seed = seed_for(cfg, unit["trial"], unit["control"], unit["level"])
-        self.batches = Batches(len(data.y_train), cfg.batch_size, seed)
+        self.batches = Batches(task.n_train, cfg.batch_size, seed)
         self.aug_gen = torch.Generator().manual_seed(seed + 1)
         self.on_iteration = on_iteration
         torch.manual_seed(seed + 2)  # dropout draws from the global generator
 
     def state_dict(self) -> dict:
-        return {
+        sd = {
             "unit": [self.unit["trial"], self.unit["control"], self.unit["level"]],
             "iteration": self.it,
             "model": self.model.state_dict(),
@@ -94,6 +102,9 @@ class Level:
             "history": self.history,
             "seconds": self.seconds,
         }
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.it = int(sd["iteration"])
@@ -104,30 +115,22 @@ class Level:
         torch.set_rng_state(sd["torch_rng"])
         self.history = list(sd["history"])
         self.seconds = float(sd["seconds"])
+        if self.scheduler is not None and "scheduler" in sd:
+            self.scheduler.load_state_dict(sd["scheduler"])
 
     def evaluate_now(self) -> None:
-        d = self.data
-        val_loss, val_acc = evaluate(self.model, d.x_val, d.y_val)
-        test_loss, test_acc = evaluate(self.model, d.x_test, d.y_test)
-        self.history.append(dict(iteration=self.it, val_loss=val_loss, val_accuracy=val_acc,
-                                 test_loss=test_loss, test_accuracy=test_acc))  # fmt: skip
+        self.history.append(dict(iteration=self.it, **self.task.evaluate(self.model)))
 
     def run(self, progress=None) -> None:
-        cfg, d, model, opt = self.cfg, self.data, self.model, self.opt
+        cfg, task, model, opt = self.cfg, self.task, self.model, self.opt
         model.train()
         t0 = time.perf_counter()
-        loss_fn = nn.functional.cross_entropy
         while self.it < cfg.iterations:
-            lr = lr_at(cfg, self.it)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = self.batches.next()
-            xb, yb = d.x_train[idx], d.y_train[idx]
-            if cfg.augment:
-                xb = augment_cifar(xb, self.aug_gen)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(xb), yb).backward()
-            opt.step()
+            task.set_lr(opt, self.it)
+            batch = task.batch(self.batches.next(), self.aug_gen)
+            task.train_step(model, batch, opt)
+            if self.scheduler is not None:
+                self.scheduler.step()
             self.it += 1
             if self.on_iteration is not None:
                 self.on_iteration(self.it)
@@ -142,23 +145,29 @@ class Level:
         self.seconds += time.perf_counter() - t0
 
     def result(self, weights_left: float) -> tuple[dict, dict]:
-        d = self.data
-        finite = [h for h in self.history if not math.isnan(h["val_loss"])]
-        best = min(finite, key=lambda h: h["val_loss"]) if finite else self.history[-1]
-        _, train_acc = evaluate(self.model, d.x_train, d.y_train)
+        """The unit's row: figures at the early-stopping iteration (best ``early_stop_on``
+        on the validation split) and at the end."""
+        task = self.task
+        key, sign = task.early_stop_on, (1 if task.lower_is_better else -1)
+        finite = [h for h in self.history if not math.isnan(h[key])]
+        best = min(finite, key=lambda h: sign * h[key]) if finite else self.history[-1]
+        train_acc = task.train_accuracy(self.model)
         final = self.history[-1]
-        result = dict(
-            **self.unit,
-            weights_remaining=weights_left,
-            early_stop_iteration=best["iteration"],
-            test_accuracy_at_early_stop=best["test_accuracy"],
-            val_loss_at_early_stop=best["val_loss"],
-            val_accuracy_at_early_stop=best["val_accuracy"],
-            final_test_accuracy=final["test_accuracy"],
-            final_train_accuracy=train_acc,
-            train_test_gap=train_acc - final["test_accuracy"],
-            iterations=self.cfg.iterations,
-            seconds=round(self.seconds, 3),
-        )
+        result = dict(**self.unit, weights_remaining=weights_left,
+                      early_stop_iteration=best["iteration"])  # fmt: skip
+        if "test_accuracy" in best and "val_loss" in best and "val_accuracy" in best:
+            result.update(
+                test_accuracy_at_early_stop=best["test_accuracy"],
+                val_loss_at_early_stop=best["val_loss"],
+                val_accuracy_at_early_stop=best["val_accuracy"],
+                final_test_accuracy=final["test_accuracy"],
+            )
+        else:  # a user's own metrics: every one, at early stopping and at the end
+            result.update({f"{k}_at_early_stop": v for k, v in best.items() if k != "iteration"})
+            result.update({f"final_{k}": v for k, v in final.items() if k != "iteration"})
+        if train_acc is not None and "final_test_accuracy" in result:
+            result.update(final_train_accuracy=train_acc,
+                          train_test_gap=train_acc - result["final_test_accuracy"])  # fmt: skip
+        result.update(iterations=self.cfg.iterations, seconds=round(self.seconds, 3))
         curve = dict(**self.unit, history=self.history)
         return result, curve
