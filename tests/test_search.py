@@ -168,3 +168,45 @@ def test_bad_inputs_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="rate"):
         _search(tmp_path / "d", rate=1.5)
     assert not any(tmp_path.iterdir())
+
+
+MODULE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+def make_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 2))
+
+def datasets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, 4, generator=g)
+    y = (x.sum((1, 2)) > 0).long()
+    train, val = TensorDataset(x[:200], y[:200]), TensorDataset(x[200:250], y[200:250])
+    return train, val, (x[250:], y[250:])
+"""
+
+
+def test_cli_find_with_own_model_and_data(tmp_path, monkeypatch, capsys):
+    from lottery_ext.cli import main
+
+    (tmp_path / "my_own_task.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    args = ["find", "--model", "my_own_task:make_net", "--data", "my_own_task:datasets",
+            "--rounds", "1", "--iterations", "20", "--eval-every", "10", "--trials", "1",
+            "--batch-size", "20", "--threads", "1", "--no-progress", "--no-plots",
+            "--optimizer", "adam", "--lr", "0.01", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = _rows(out)
+    assert [(r["control"], r["level"]) for r in rows] == [
+        ("ticket", 0), ("ticket", 1), ("reinit", 1), ("random_prune", 1)]  # fmt: skip
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["model"] == "my_own_task:make_net" and cfg["optimizer"] == "adam"
+    assert main([*args[:-2], "--dry-run"]) == 0
+    assert "0.weight" not in capsys.readouterr().err
+    assert main(["find", "--model", "my_own_task:nope", "--data", "my_own_task:datasets"]) == 2
+    assert "has no 'nope'" in capsys.readouterr().err
+    assert main(["find", "--model", "my_own_task:make_net"]) == 2
+    assert "--model and --data go together" in capsys.readouterr().err

@@ -53,12 +53,16 @@ def _cmd_find(args: argparse.Namespace) -> int:
         overrides["controls"] = [] if args.controls == "none" else args.controls.split(",")
     try:
         cfg = RunConfig.from_preset(PRESETS[args.preset], **overrides)
+        task = None
+        if args.model or args.data:
+            cfg, task = _own_search(args, cfg)
         if args.dry_run:
-            return _dry_run(cfg, args.data_dir)
+            return _dry_run(cfg, args.data_dir, task)
         out = Path(args.out) if args.out else default_out_dir(cfg)
         print(f"run directory: {out}")
-        Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress).run()
-    except (ValueError, FileNotFoundError) as exc:
+        Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress,
+                   task=task).run()  # fmt: skip
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report(out, make_plots=not args.no_plots))
@@ -67,17 +71,73 @@ def _cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(cfg, data_dir) -> int:
+def _import(spec: str, option: str):
+    """`pkg.module:name` -> the object (the current directory is importable, as with -m)."""
+    import importlib
+
+    if ":" not in spec:
+        raise ValueError(
+            f"{option}: expected module:callable (e.g. mypkg.models:make_net), got {spec!r}"
+        )
+    module, _, name = spec.partition(":")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{option}: cannot import {module!r} ({exc})") from exc
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{option}: module {module!r} has no {name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{option}: {spec} is not callable")
+    return obj
+
+
+def _own_search(args, cfg):
+    """`find --model M:f --data M:g`: the user's model factory and data sets with every other
+    option of `find`; the preset supplies the defaults (optimizer, lr schedule, budget)."""
+    from .experiments.training import lr_at, optimizer_for
+    from .search import TicketSearch
+
+    if not (args.model and args.data):
+        raise ValueError("--model and --data go together (module:callable each)")
+    model_fn = _import(args.model, "--model")
+    data = _import(args.data, "--data")()
+    if isinstance(data, dict):
+        data = (data.get("train"), data.get("val"), data.get("test"))
+    if not isinstance(data, (tuple, list)) or len(data) != 3:
+        raise ValueError("--data: the callable must return (train, val, test) or a dict of them")
+    search = TicketSearch(
+        model_fn, *data, optimizer=lambda params: optimizer_for(cfg, params),
+        iterations=cfg.iterations, out=args.out or ".", batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every, rounds=cfg.rounds, rate=cfg.rate, trials=cfg.trials,
+        controls=cfg.controls, output_rate=cfg.output_rate, scope=cfg.scope,
+        rewind_iteration=cfg.rewind_iteration, seed=cfg.seed, device=cfg.device,
+        checkpoint_every=cfg.checkpoint_every, threads=cfg.threads,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    search.task.lr_schedule = lambda it: lr_at(cfg, it)  # the preset's warmup and milestones
+    own = search.cfg  # what config.json records (and a resume must match)
+    own.model, own.dataset = args.model, args.data
+    own.optimizer, own.lr, own.momentum = cfg.optimizer, cfg.lr, cfg.momentum
+    own.weight_decay, own.warmup, own.milestones = cfg.weight_decay, cfg.warmup, cfg.milestones
+    return own, search.task
+
+
+def _dry_run(cfg, data_dir, task=None) -> int:
     """What a run would prune, parameter by parameter, and its schedule; writes nothing."""
     from . import format_prunable, prunable
     from .experiments import runner
-    from .experiments.models import build_model
+    from .experiments.task import PresetTask
 
-    data = runner.load_dataset(cfg.dataset, data_dir, val_size=cfg.val_size, seed=cfg.seed)
-    model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes,
-                        dropout=cfg.dropout, hidden=cfg.hidden)  # fmt: skip
+    if task is None:
+        data = runner.load_dataset(cfg.dataset, data_dir, val_size=cfg.val_size, seed=cfg.seed)
+        task = PresetTask(cfg, data)
+    model = task.build_model()
     controls = ", ".join(cfg.controls) or "none"
-    print(f"preset {cfg.preset}: model {cfg.model}, data {cfg.dataset} {data.input_shape}, "
+    print(f"preset {cfg.preset}: model {cfg.model}, data {cfg.dataset}, "
           f"{cfg.trials} trial(s) x {cfg.rounds} round(s), controls {controls}, "
           f"{cfg.iterations} iterations per training")  # fmt: skip
     print(format_prunable(prunable(model, **runner.pruner_recipe(cfg))))
@@ -140,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
         find.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     find.add_argument("--no-progress", action="store_true", help="no progress bars")
     find.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    find.add_argument(
+        "--model",
+        help="your own model: module:callable building the dense "
+        "network (with --data; the preset gives the other defaults)",
+    )
+    find.add_argument(
+        "--data",
+        help="your own data: module:callable returning (train, val, "
+        "test) Datasets, DataLoaders or (x, y) tensor pairs",
+    )
     find.add_argument("--dry-run", action="store_true",
                       help="print what would be pruned (every parameter, its rate and why) and "
                            "exit without training or writing anything")  # fmt: skip

@@ -186,6 +186,7 @@ class UserTask:
             lower_is_better = not any(w in early_stop_on.lower() for w in _HIGHER_IS_BETTER)
         self.lower_is_better = bool(lower_is_better)
         self.reinit_fn = init_fn
+        self.lr_schedule: Callable[[int], float] | None = None
 
     def build_model(self) -> nn.Module:
         model = self.model_fn()
@@ -210,7 +211,12 @@ class UserTask:
         return opt, sched
 
     def set_lr(self, optimizer, it: int) -> None:
-        """The learning rate is the optimizer's, or the scheduler's (stepped by the loop)."""
+        """The learning rate is the optimizer's, the scheduler's (stepped by the loop), or
+        ``lr_schedule(it)`` when set (``find --model``: the preset's schedule)."""
+        if self.lr_schedule is not None:
+            lr = self.lr_schedule(it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def batch(self, idx: torch.Tensor, aug_gen: torch.Generator):
         return self.train.take(idx)

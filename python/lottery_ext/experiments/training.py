@@ -25,7 +25,11 @@ def seed_for(cfg: RunConfig, *parts) -> int:
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    return optimizer_for(cfg, model.parameters())
+
+
+def optimizer_for(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    """The masked optimizer a configuration names (sgd, momentum, adam, adamw)."""
     if cfg.optimizer == "adam":
         return MaskedAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
