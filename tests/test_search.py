@@ -210,3 +210,71 @@ def test_cli_find_with_own_model_and_data(tmp_path, monkeypatch, capsys):
     assert "has no 'nope'" in capsys.readouterr().err
     assert main(["find", "--model", "my_own_task:make_net"]) == 2
     assert "--model and --data go together" in capsys.readouterr().err
+
+
+def test_find_help_documents_every_option(capsys):
+    from lottery_ext.cli import build_parser
+
+    parser = build_parser()
+    find = parser._subparsers._group_actions[0].choices["find"]
+    for action in find._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["find", "--help"])
+    text = capsys.readouterr().out
+    assert "--rewind-iteration" in text and "(mnist1d-mlp: 0.2)" in text
+
+
+def _sequences(n: int, seed: int, vocab: int = 20, length: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    return x, (x[:, 0] > vocab // 2).long()
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True,
+                                           dropout=0.0)  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.emb(x)).mean(1))
+
+
+class TinyLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 12, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(24, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(self.emb(x))[0][:, -1])
+
+
+@pytest.mark.parametrize("net", [TinyTransformer, TinyLSTM], ids=["transformer", "lstm"])
+def test_transformer_and_lstm_through_ticket_search(net, tmp_path):
+    search = lx.TicketSearch(
+        model=net, train=_sequences(200, 0), val=_sequences(50, 1), test=_sequences(50, 2),
+        optimizer=lambda p: lx.MaskedAdam(p, lr=1e-2), iterations=20, batch_size=20,
+        eval_every=10, rounds=2, rate=0.2, controls=(), out=tmp_path / "run", progress=False,
+        threads=1,
+    )  # fmt: skip
+    search.run()
+    rows = search.results()
+    assert [r["level"] for r in rows] == [0, 1, 2]
+    probe = net()
+    pruner = lx.MagnitudePruner(probe, rate=0.2)
+    expected = {n: p.numel() for n, p in pruner.targets.items()}
+    for _ in range(2):  # exact per-tensor counts, round after round (output layer at rate/2)
+        expected = {n: k - round(pruner.rates[n] * k) for n, k in expected.items()}
+    ticket = search.ticket(0, 2)
+    assert {n: int(m.sum()) for n, m in ticket.masks.items()} == expected
+    assert any("lstm" in n or "self_attn" in n for n in ticket.masks)
+    model = ticket.build()
+    named = dict(model.named_parameters())
+    for name, m in ticket.masks.items():
+        assert not named[name].detach()[~m].any()

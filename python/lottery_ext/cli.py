@@ -27,13 +27,27 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-# option name -> RunConfig field, for the overrides of `find`
-_OVERRIDES = {
-    "trials": int, "rounds": int, "iterations": int, "eval_every": int, "batch_size": int,
-    "lr": float, "momentum": float, "weight_decay": float, "warmup": int, "dropout": float,
-    "rate": float, "output_rate": float, "conv_rate": float, "rewind_iteration": int,
-    "val_size": int, "seed": int, "threads": int, "checkpoint_every": int,
-}  # fmt: skip
+# `find` options that set a RunConfig field directly: generated from the fields (their help
+# from presets.HELP); `milestones` and `controls` take comma lists.
+_LISTS = ("milestones", "controls")
+_CHOICES = {"optimizer": ["sgd", "momentum", "adam", "adamw"], "scope": ["layer", "global"]}
+
+
+def _config_options() -> dict[str, type]:
+    import dataclasses
+    import typing
+
+    from .experiments.presets import HELP, RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in HELP:
+            continue
+        hint = str(hints[f.name])
+        out[f.name] = int if "int" in hint and "list" not in hint else (
+            float if "float" in hint else str)  # fmt: skip
+    return out
 
 
 def _cmd_find(args: argparse.Namespace) -> int:
@@ -45,8 +59,7 @@ def _cmd_find(args: argparse.Namespace) -> int:
         print(f"error: unknown preset {args.preset!r}; `lottery-ext presets` lists them",
               file=sys.stderr)  # fmt: skip
         return 2
-    overrides = {k: getattr(args, k) for k in _OVERRIDES}
-    overrides.update(optimizer=args.optimizer, scope=args.scope, device=args.device)
+    overrides = {k: getattr(args, k) for k in _config_options() if k not in _LISTS}
     if args.milestones is not None:
         overrides["milestones"] = [int(m) for m in args.milestones.split(",") if m]
     if args.controls is not None:
@@ -191,13 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe (default {DEFAULT_PRESET})")
     find.add_argument("--data-dir", help="dataset directory (MNIST IDX files, CIFAR-10 batches)")
     find.add_argument("--out", help="run directory (default runs/<preset>-<config hash>)")
-    find.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"])
-    find.add_argument("--scope", choices=["layer", "global"])
-    find.add_argument("--device", help="cpu (default) or cuda")
-    find.add_argument("--milestones", help="comma-separated iterations where the LR drops x0.1")
-    find.add_argument("--controls", help="comma list of reinit,random_prune, or 'none'")
-    for name, typ in _OVERRIDES.items():
-        find.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    from .experiments.presets import HELP, PRESETS
+
+    default = PRESETS[DEFAULT_PRESET]
+    for name, typ in _config_options().items():
+        value = getattr(default, name, None)
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value) or "none"
+        shown = f" ({DEFAULT_PRESET}: {value})" if value is not None else ""
+        kw = {"choices": _CHOICES[name]} if name in _CHOICES else {}
+        find.add_argument("--" + name.replace("_", "-"), dest=name, help=HELP[name] + shown,
+                          type=None if name in _LISTS else typ, metavar=None if kw else
+                          name.upper(), **kw)  # fmt: skip
     find.add_argument("--no-progress", action="store_true", help="no progress bars")
     find.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     find.add_argument(

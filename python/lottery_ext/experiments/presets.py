@@ -193,6 +193,35 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = "mnist1d-mlp"
 
 
+# What each setting means: the help of its `lottery-ext find --option` (one source: the CLI
+# options are generated from RunConfig's fields and this table).
+HELP = {
+    "trials": "independent trials (each its own θ0)",
+    "rounds": "pruning rounds (levels after the dense one)",
+    "iterations": "training iterations per level",
+    "eval_every": "evaluate on validation and test every N iterations",
+    "batch_size": "mini-batch size",
+    "optimizer": "sgd | momentum | adam | adamw (lottery_ext masked optimizers)",
+    "lr": "learning rate",
+    "momentum": "SGD momentum (optimizer momentum)",
+    "weight_decay": "weight decay (surviving weights only)",
+    "warmup": "linear learning-rate warmup iterations",
+    "milestones": "comma-separated iterations where the learning rate drops x0.1",
+    "dropout": "dropout after each hidden fully-connected layer, in [0, 1)",
+    "rate": "fraction of the remaining weights pruned per round, in [0, 1)",
+    "output_rate": "rate of the output layer (default rate / 2)",
+    "conv_rate": "rate of the conv layers (default rate)",
+    "scope": "layer (each tensor its own fraction) | global (one threshold)",
+    "controls": "comma list of reinit,random_prune, or 'none'",
+    "rewind_iteration": "late rewinding: reset survivors to their values at iteration k",
+    "val_size": "validation examples held out of the training set",
+    "seed": "seed of everything random (the same seed gives the same results)",
+    "threads": "CPU threads (default: the preset's, else torch's)",
+    "checkpoint_every": "write a resumable checkpoint every N iterations",
+    "device": "cpu or cuda",
+}
+
+
 @dataclass
 class RunConfig:
     """Every setting of a run. Saved as config.json; a rerun must match it to resume."""
