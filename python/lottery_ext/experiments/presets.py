@@ -60,6 +60,30 @@ class Preset:
         )
 
 
+_CIFAR = "CIFAR-10 python batches (data_batch_1..5, test_batch)"
+
+
+def _conv(depth: int, lr: float, iterations: int, conv_rate: float) -> Preset:
+    """Conv-2/4/6 on CIFAR-10 (paper Figure 5): Adam, batch 60, fc layers at 20%, conv layers
+    at `conv_rate`, output at 10%; they differ in depth, learning rate, length, conv rate."""
+    return Preset(
+        name=f"conv{depth}-cifar10",
+        description=f"Conv-{depth} on CIFAR-10 (paper Figure 5)",
+        dataset="cifar10",
+        model=f"conv{depth}",
+        init="glorot_normal",
+        optimizer="adam",
+        lr=lr,
+        batch_size=60,
+        iterations=iterations,
+        rate=0.2,
+        conv_rate=conv_rate,
+        rounds=20,
+        trials=5,
+        needs_data=_CIFAR,
+    )
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -93,53 +117,13 @@ PRESETS: dict[str, Preset] = {
             trials=5,
             needs_data="MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
         ),
-        Preset(
-            name="conv2-cifar10",
-            description="Conv-2 on CIFAR-10 (paper Figure 5)",
-            dataset="cifar10",
-            model="conv2",
-            init="glorot_normal",
-            optimizer="adam",
-            lr=2e-4,
-            batch_size=60,
-            iterations=20_000,
-            rate=0.2,
-            conv_rate=0.1,
-            rounds=20,
-            trials=5,
-            needs_data="CIFAR-10 python batches (data_batch_1..5, test_batch)",
-        ),
-        Preset(
-            name="conv4-cifar10",
-            description="Conv-4 on CIFAR-10 (paper Figure 5)",
-            dataset="cifar10",
-            model="conv4",
-            init="glorot_normal",
-            optimizer="adam",
-            lr=3e-4,
-            batch_size=60,
-            iterations=25_000,
-            rate=0.2,
-            conv_rate=0.1,
-            rounds=20,
-            trials=5,
-            needs_data="CIFAR-10 python batches (data_batch_1..5, test_batch)",
-        ),
-        Preset(
-            name="conv6-cifar10",
-            description="Conv-6 on CIFAR-10 (paper Figure 5)",
-            dataset="cifar10",
-            model="conv6",
-            init="glorot_normal",
-            optimizer="adam",
-            lr=3e-4,
-            batch_size=60,
-            iterations=30_000,
-            rate=0.2,
-            conv_rate=0.15,
-            rounds=20,
-            trials=5,
-            needs_data="CIFAR-10 python batches (data_batch_1..5, test_batch)",
+        *(
+            _conv(depth, lr, iterations, conv_rate)
+            for depth, lr, iterations, conv_rate in (
+                (2, 2e-4, 20_000, 0.1),
+                (4, 3e-4, 25_000, 0.1),
+                (6, 3e-4, 30_000, 0.15),
+            )
         ),
         Preset(
             name="resnet20-cifar10",
@@ -162,7 +146,7 @@ PRESETS: dict[str, Preset] = {
             eval_every=500,
             rounds=15,
             trials=3,
-            needs_data="CIFAR-10 python batches (data_batch_1..5, test_batch)",
+            needs_data=_CIFAR,
         ),
         Preset(
             name="vgg19-cifar10",
@@ -185,7 +169,7 @@ PRESETS: dict[str, Preset] = {
             eval_every=1000,
             rounds=15,
             trials=3,
-            needs_data="CIFAR-10 python batches (data_batch_1..5, test_batch)",
+            needs_data=_CIFAR,
         ),
     ]
 }
