@@ -31,9 +31,18 @@ from .rundir import (
     read_jsonl,
     unit_key,
 )
+from .schedule import Unit
 from .schedule import units as schedule_units
-from .task import PresetTask, UserTask, fast_forward
-from .training import Level, evaluate, lr_at, make_optimizer, seed_for
+from .task import PresetTask, UserTask
+from .training import (
+    Level,
+    evaluate,
+    lr_at,
+    make_optimizer,
+    seed_for,
+    train_unit,
+    weights_remaining,
+)
 
 __all__ = [
     "CONTROLS", "Experiment", "Level", "RunDir", "atomic_torch_save", "atomic_write_bytes",
@@ -54,12 +63,6 @@ def pruner_recipe(cfg: RunConfig) -> dict:
 
 def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
     return MagnitudePruner(model, **pruner_recipe(cfg))
-
-
-def weights_remaining(pruner: MagnitudePruner, masks: dict[str, torch.Tensor]) -> float:
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(p.numel() for p in pruner.targets.values())
-    return kept / total
 
 
 class Experiment:
@@ -162,41 +165,31 @@ class Experiment:
 
     def _train_unit(self, trial, control, level, model, pruner, masks, start, theta0, capture_k,
                     theta_path, masks_path, bar) -> None:  # fmt: skip
+        """Train one unit (``training.train_unit``, which knows no files) and write what it
+        returns: the row and curve, the next level's masks, checkpoints and θk on the way."""
         cfg = self.cfg
-        unit = {"trial": trial, "control": control, "level": level}
         ckpt = self.run_dir.state / "unit.pt"
-        opt, sched = self.task.make_optimizer(model)
-        # Initialise: the ticket and the random mask rewind to θ0 (or θk), which also hands
-        # the masks to the optimizer in the same pass; reinit draws fresh weights.
-        REGISTRY[control].start(cfg, self.task, model, masks, start, opt, trial, level)
-        start_it = cfg.rewind_iteration if (start is not theta0 and level > 0) else 0
-        fast_forward(sched, start_it)  # a schedule rewound to θk restarts at k
-
-        def capture(it: int) -> None:
-            if capture_k and it == cfg.rewind_iteration:
-                self._save_theta(theta_path, theta0, snapshot(model, iteration=it))
-
-        lvl = Level(cfg, self.task, model, opt, unit, ckpt, start_it, on_iteration=capture,
-                    scheduler=sched)  # fmt: skip
+        resume = None
         if ckpt.exists():
             sd = load_checkpoint(ckpt)
             if sd["unit"] == [trial, control, level]:
-                lvl.load_state_dict(sd)
+                resume = sd
         from tqdm.auto import tqdm
 
-        inner = tqdm(total=cfg.iterations, initial=lvl.it, leave=False, disable=not self.progress,
+        inner = tqdm(total=cfg.iterations, initial=resume["iteration"] if resume else 0,
+                     leave=False, disable=not self.progress,
                      desc=f"trial {trial} {control} L{level}")  # fmt: skip
-        lvl.run(inner)
+        out = train_unit(
+            cfg, self.task, Unit(trial, control, level), model, pruner, masks, start, theta0,
+            resume=resume, checkpoint=lambda sd: atomic_torch_save(sd, ckpt),
+            on_theta_k=(lambda snap: self._save_theta(theta_path, theta0, snap))
+            if capture_k else None, progress=inner,
+        )  # fmt: skip
         inner.close()
-        result, curve = lvl.result(weights_remaining(pruner, masks))
-        if control == "ticket":
-            # Prune now: the next level's masks, and how far kept vs to-be-pruned weights moved.
-            next_masks = pruner.compute_masks(masks)  # pure: the pruner is not changed
-            result.update(self._movement(model, theta0, masks, next_masks))
-            if level < cfg.rounds:
-                atomic_torch_save(
-                    {n: m.cpu() for n, m in next_masks.items()}, masks_path(level + 1)
-                )
+        result, curve = out.result, out.curve
+        if out.next_masks is not None and level < cfg.rounds:
+            atomic_torch_save({n: m.cpu() for n, m in out.next_masks.items()},
+                              masks_path(level + 1))  # fmt: skip
         self.run_dir.append(result, curve)
         if ckpt.exists():
             ckpt.unlink()
@@ -211,22 +204,3 @@ class Experiment:
             f"{100 * result['weights_remaining']:6.2f}% weights, early stop @ "
             f"{result['early_stop_iteration']:>6d}, {figure}"
         )
-
-    @staticmethod
-    @torch.no_grad()
-    def _movement(model, theta0: Snapshot, masks, next_masks) -> dict:
-        """Mean |w_T - w_0| of the weights the next round keeps vs those it prunes."""
-        named = dict(model.named_parameters())
-        kept = pruned = 0.0
-        n_kept = n_pruned = 0
-        for name, m in masks.items():
-            move = (named[name].detach() - theta0[name].to(named[name].device)).abs()
-            k, p = next_masks[name], m & ~next_masks[name]
-            kept += float(move[k].sum())
-            n_kept += int(k.sum())
-            pruned += float(move[p].sum())
-            n_pruned += int(p.sum())
-        return {
-            "mean_move_kept_next": kept / n_kept if n_kept else None,
-            "mean_move_pruned_next": pruned / n_pruned if n_pruned else None,
-        }

@@ -7,6 +7,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,7 +146,10 @@ class Level:
             if self.it % cfg.checkpoint_every == 0 and self.it < cfg.iterations:
                 self.seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                atomic_torch_save(self.state_dict(), self.ckpt_path)
+                if callable(self.ckpt_path):  # the caller keeps the files (train_unit)
+                    self.ckpt_path(self.state_dict())
+                elif self.ckpt_path is not None:
+                    atomic_torch_save(self.state_dict(), self.ckpt_path)
         self.seconds += time.perf_counter() - t0
 
     def result(self, weights_left: float) -> tuple[dict, dict]:
@@ -175,3 +179,90 @@ class Level:
         result.update(iterations=self.cfg.iterations, seconds=round(self.seconds, 3))
         curve = dict(**self.unit, history=self.history)
         return result, curve
+
+
+def weights_remaining(pruner, masks: dict[str, torch.Tensor]) -> float:
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(p.numel() for p in pruner.targets.values())
+    return kept / total
+
+
+@torch.no_grad()
+def movement(model: nn.Module, theta0, masks: dict, next_masks: dict) -> dict:
+    """Mean |w_T - w_0| of the weights the next round keeps vs those it prunes."""
+    named = dict(model.named_parameters())
+    kept = pruned = 0.0
+    n_kept = n_pruned = 0
+    for name, m in masks.items():
+        move = (named[name].detach() - theta0[name].to(named[name].device)).abs()
+        k, p = next_masks[name], m & ~next_masks[name]
+        kept += float(move[k].sum())
+        n_kept += int(k.sum())
+        pruned += float(move[p].sum())
+        n_pruned += int(p.sum())
+    return {
+        "mean_move_kept_next": kept / n_kept if n_kept else None,
+        "mean_move_pruned_next": pruned / n_pruned if n_pruned else None,
+    }
+
+
+@dataclass
+class UnitOutput:
+    """What a unit hands back: its results row, its curve, and for a ticket the next level's
+    masks (what the dependants need)."""
+
+    result: dict
+    curve: dict
+    next_masks: dict | None
+
+
+def train_unit(
+    cfg: RunConfig,
+    task,
+    unit,
+    model: nn.Module,
+    pruner,
+    masks: dict,
+    start,
+    theta0,
+    *,
+    resume: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    on_theta_k: Callable | None = None,
+    progress=None,
+) -> UnitOutput:
+    """One unit ``(trial, control, level)`` as a function of its inputs: the configuration,
+    the task, the masks it trains, its starting snapshot (θ0 or θk) and θ0 (for the weight
+    movement figures) -> its row, curve and the next level's masks. `model` is any instance
+    of the architecture (it is fully reset here); `pruner` only supplies the recipe (it is not
+    changed). Files are the caller's: `checkpoint(state)` receives mid-unit checkpoints and
+    `resume` is the last one; `on_theta_k(snapshot)` receives θk when this unit captures it
+    (the level-0 ticket under late rewinding)."""
+    from ..pruning.rewind import snapshot
+    from .controls import REGISTRY
+    from .task import fast_forward
+
+    trial, control, level = unit
+    opt, sched = task.make_optimizer(model)
+    # Initialise: the ticket and the random mask rewind to θ0 (or θk), which also hands
+    # the masks to the optimizer in the same pass; reinit draws fresh weights.
+    REGISTRY[control].start(cfg, task, model, masks, start, opt, trial, level)
+    start_it = cfg.rewind_iteration if (start is not theta0 and level > 0) else 0
+    fast_forward(sched, start_it)  # a schedule rewound to θk restarts at k
+
+    def capture(it: int) -> None:
+        if on_theta_k is not None and it == cfg.rewind_iteration:
+            on_theta_k(snapshot(model, iteration=it))
+
+    lvl = Level(cfg, task, model, opt, {"trial": trial, "control": control, "level": level},
+                checkpoint, start_it, on_iteration=capture, scheduler=sched)  # fmt: skip
+    if resume is not None:
+        lvl.load_state_dict(resume)
+    lvl.run(progress)
+    result, curve = lvl.result(weights_remaining(pruner, masks))
+    next_masks = None
+    if control == "ticket":
+        # Prune now: the next level's masks, and how far kept vs to-be-pruned weights moved.
+        next_masks = pruner.compute_masks(masks)  # pure: the pruner is not changed
+        result.update(movement(model, theta0, masks, next_masks))
+    return UnitOutput(result, curve, next_masks)
