@@ -24,3 +24,24 @@ PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_python_snippets_run(index):
     exec(compile(PYTHON_BLOCKS[index], f"README python block {index}", "exec"), {})
+
+
+@pytest.mark.slow
+def test_default_run_reproduces_the_readme_table(tmp_path, capsys):
+    """`lottery-ext find` on its default (about 2 minutes here): the table rows the README
+    prints come out again, to the digit (the same seed gives the same results)."""
+    import torch
+
+    from lottery_ext.cli import main
+
+    block = README.split("its table ends with", 1)[1].split("```", 2)[1]
+    rows = [ln for ln in block.splitlines() if ln.strip() and ln.strip()[0].isdigit()]
+    assert len(rows) >= 3
+    threads = torch.get_num_threads()
+    try:
+        assert main(["find", "--out", str(tmp_path / "run"), "--no-progress", "--no-plots"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    for row in rows:
+        assert row in printed, row
