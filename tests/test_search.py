@@ -278,3 +278,69 @@ def test_transformer_and_lstm_through_ticket_search(net, tmp_path):
     named = dict(model.named_parameters())
     for name, m in ticket.masks.items():
         assert not named[name].detach()[~m].any()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--threads", "-1"], "--threads must be >= 1"),
+        (["--milestones", "a,b"], "--milestones takes comma-separated iterations"),
+        (["--device", "tpu"], "--device tpu: not a device torch can use here; available: cpu"),
+        (["--controls", "foo"], "--controls: unknown ['foo']"),
+        (["--rate", "1.5"], "--rate must be in [0, 1)"),
+        (["--iterations", "0"], "--iterations must be >= 1"),
+    ],
+)
+def test_find_checks_every_option_before_writing(option, message, tmp_path, capsys):
+    from lottery_ext.cli import main
+
+    out = tmp_path / "run"
+    assert main(["find", *option, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cuda_device_without_cuda_lists_the_available_ones(tmp_path, capsys):
+    from lottery_ext.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["find", "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "available: cpu" in capsys.readouterr().err
+
+
+def test_presets_into_a_closed_pipe_is_quiet():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lottery_ext", "presets"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # the reader leaves at once, as `| head` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "BrokenPipe" not in err and "Traceback" not in err
+
+
+def test_interrupted_find_says_how_to_resume_and_resume_says_where(tmp_path, monkeypatch, capsys):
+    from lottery_ext.cli import main
+
+    out = tmp_path / "run"
+    args = ["find", "--rounds", "1", "--trials", "1", "--iterations", "40", "--eval-every", "10",
+            "--checkpoint-every", "10", "--threads", "1", "--no-progress", "--no-plots",
+            "--controls", "none", "--out", str(out)]  # fmt: skip
+    orig = training.Level.evaluate_now
+
+    def evaluate_now(self):
+        if (self.unit["level"], self.it) == (1, 30):
+            raise KeyboardInterrupt
+        orig(self)
+
+    monkeypatch.setattr(training.Level, "evaluate_now", evaluate_now)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "resume with:" in err and "Traceback" not in err
+    monkeypatch.setattr(training.Level, "evaluate_now", orig)
+    assert main(args) == 0
+    assert "resuming" in capsys.readouterr().out

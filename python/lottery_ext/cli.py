@@ -59,12 +59,8 @@ def _cmd_find(args: argparse.Namespace) -> int:
         print(f"error: unknown preset {args.preset!r}; `lottery-ext presets` lists them",
               file=sys.stderr)  # fmt: skip
         return 2
-    overrides = {k: getattr(args, k) for k in _config_options() if k not in _LISTS}
-    if args.milestones is not None:
-        overrides["milestones"] = [int(m) for m in args.milestones.split(",") if m]
-    if args.controls is not None:
-        overrides["controls"] = [] if args.controls == "none" else args.controls.split(",")
     try:
+        overrides = _checked_options(args)  # every option, before anything is written
         cfg = RunConfig.from_preset(PRESETS[args.preset], **overrides)
         task = None
         if args.model or args.data:
@@ -78,10 +74,90 @@ def _cmd_find(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = " ".join(["lottery-ext", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
+        if args.out is None:
+            again += f" --out {out}"
+        print(f"\ninterrupted: finished units are in {out}/results.jsonl and the unit in "
+              f"progress has a checkpoint (state/unit.pt); resume with: {again}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     print(report(out, make_plots=not args.no_plots))
     print(f"\nresults: {out}/results.jsonl, summary: {out}/summary.csv"
           + ("" if args.no_plots else f", plots: {out}/accuracy.png"))  # fmt: skip
     return 0
+
+
+def _checked_options(args: argparse.Namespace) -> dict:
+    """The `find` options as RunConfig overrides, each checked with its option's name and
+    what is allowed (RunConfig.check then checks the combination)."""
+    import math
+
+    out = {k: getattr(args, k) for k in _config_options() if k not in _LISTS}
+    for key in ("lr", "momentum", "weight_decay", "rate", "output_rate", "conv_rate", "dropout"):
+        value = out.get(key)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+    positive = ("lr",)
+    for key in positive:
+        if out.get(key) is not None and out[key] <= 0:
+            raise ValueError(f"--{key} must be > 0, got {out[key]}")
+    at_least = {"threads": 1, "trials": 1, "iterations": 1, "eval_every": 1, "batch_size": 1,
+                "checkpoint_every": 1, "val_size": 1, "rounds": 0, "warmup": 0, "seed": 0,
+                "rewind_iteration": 0}  # fmt: skip
+    for key, low in at_least.items():
+        if out.get(key) is not None and out[key] < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {out[key]}")
+    for key in ("rate", "output_rate", "conv_rate", "dropout"):
+        if out.get(key) is not None and not 0 <= out[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1), got {out[key]}")
+    for key in ("momentum", "weight_decay"):
+        if out.get(key) is not None and out[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {out[key]}")
+    if args.milestones is not None:
+        try:
+            milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--milestones takes comma-separated iterations (e.g. 20000,25000), "
+                f"got {args.milestones!r}"
+            ) from None
+        if any(m < 1 for m in milestones):
+            raise ValueError(f"--milestones must be iterations >= 1, got {args.milestones!r}")
+        out["milestones"] = milestones
+    if args.controls is not None:
+        controls = [] if args.controls == "none" else [c for c in args.controls.split(",") if c]
+        unknown = sorted(set(controls) - {"reinit", "random_prune"})
+        if unknown:
+            raise ValueError(
+                f"--controls: unknown {unknown}; use reinit, random_prune (comma list) or none"
+            )
+        out["controls"] = controls
+    if out.get("device") is not None:
+        _check_device(out["device"])
+    return out
+
+
+def _check_device(name: str) -> None:
+    """A device torch can use here, or an error that lists the ones it can."""
+    import torch
+
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    usable = device is not None and (
+        device.type == "cpu"
+        or (device.type == "cuda" and torch.cuda.is_available()
+            and (device.index is None or device.index < torch.cuda.device_count()))
+    )  # fmt: skip
+    if not usable:
+        raise ValueError(
+            f"--device {name}: not a device torch can use here; available: {', '.join(available)}"
+        )
 
 
 def _import(spec: str, option: str):
@@ -260,4 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
+    except BrokenPipeError:  # `lottery-ext presets | head`: the reader left, nothing to say
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0

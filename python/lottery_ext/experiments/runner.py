@@ -98,6 +98,8 @@ class Experiment:
             (self.run_dir.state / "unit.pt").unlink(missing_ok=True)  # a kill after the last result
             self.log(f"{self.run_dir.path}: all {len(units)} levels already done")
             return self.run_dir.path
+        if len(todo) < len(units) or (self.run_dir.state / "unit.pt").exists():
+            self.log(self._resume_line(len(units) - len(todo), len(units), todo[0]))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="levels",
@@ -110,6 +112,21 @@ class Experiment:
         return self.run_dir.path
 
     # -- one trial -----------------------------------------------------------------------------
+
+    def _resume_line(self, done: int, total: int, nxt: tuple) -> str:
+        """Where a resumed run picks up: units done, the next unit and its iteration."""
+        trial, control, level = nxt
+        where = ""
+        ckpt = self.run_dir.state / "unit.pt"
+        if ckpt.exists():
+            try:
+                sd = load_checkpoint(ckpt)
+                if sd["unit"] == [trial, control, level]:
+                    where = f" from iteration {int(sd['iteration'])}"
+            except Exception:  # an unreadable checkpoint is retrained from the start
+                where = " from the start (its checkpoint is unreadable)"
+        return (f"resuming {self.run_dir.path}: {done} of {total} units done; next: trial "
+                f"{trial}, {control}, level {level}{where}")  # fmt: skip
 
     def _devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
