@@ -859,9 +859,9 @@ def test_data_dir_without_mnist_files(tmp_path, capsys, no_network):
     [
         (["--rewind-iteration", "60"], "rewind_iteration must be in [0, iterations=60)"),
         (["--rewind-iteration", "100"], "rewind_iteration must be in [0, iterations=60)"),
-        (["--controls", "reinit,shuffle"], "unknown controls ['shuffle']"),
+        (["--controls", "reinit,shuffle"], "--controls: unknown ['shuffle']"),
         (["--iterations", "0"], "iterations must be >= 1"),
-        (["--controls", ""], "unknown controls"),
+        (["--controls", ""], "--controls: unknown"),
     ],
 )
 def test_bad_settings_exit_2_before_creating_the_run(tmp_path, capsys, args, message):

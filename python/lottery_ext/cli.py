@@ -74,6 +74,11 @@ def _cmd_find(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only run directory, a full disk: nothing is damaged
+        print(f"error: cannot write the run: {exc.strerror or exc} ({exc.filename or ''}); "
+              "finished units are kept, rerun the same command once it is fixed",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         again = " ".join(["lottery-ext", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
         if args.out is None:
@@ -126,7 +131,7 @@ def _checked_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"--milestones must be iterations >= 1, got {args.milestones!r}")
         out["milestones"] = milestones
     if args.controls is not None:
-        controls = [] if args.controls == "none" else [c for c in args.controls.split(",") if c]
+        controls = [] if args.controls == "none" else [c.strip() for c in args.controls.split(",")]
         unknown = sorted(set(controls) - {"reinit", "random_prune"})
         if unknown:
             raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -77,11 +78,18 @@ class RunDir:
         """Create the directory, or check that it holds a run of the same configuration.
         `data` (input_shape, num_classes) is recorded beside the configuration so that an
         exported ticket can rebuild its model."""
-        self.state.mkdir(parents=True, exist_ok=True)
         cfg_path = self.path / "config.json"
+        if not cfg_path.exists() and self.results.exists() and self.results.stat().st_size:
+            raise ValueError(
+                f"{self.path} holds results.jsonl but no config.json, so nothing says which "
+                "configuration they belong to: start a new run with another --out (or restore "
+                "the run's config.json to resume it)"
+            )
+        self.state.mkdir(parents=True, exist_ok=True)
+        self._clean_temp_files()
         ours = cfg.to_dict()
         if cfg_path.exists():
-            theirs = json.loads(cfg_path.read_text()).get("config", {})
+            theirs = self._read_config(cfg_path)
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             if diff:
                 detail = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff[:6])
@@ -101,6 +109,30 @@ class RunDir:
             atomic_write_bytes(cfg_path, (json.dumps(meta, indent=2) + "\n").encode())
         self._repair()
 
+    @staticmethod
+    def _read_config(path: Path) -> dict:
+        try:
+            meta = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{path}: not valid JSON ({exc}); restore it, or start a new run with another --out"
+            ) from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise ValueError(
+                f"{path}: not a lottery-ext run configuration (no 'config' object); restore "
+                "it, or start a new run with another --out"
+            )
+        return meta["config"]
+
+    def _clean_temp_files(self) -> None:
+        """Temp files of writes a kill cut short (atomic writes rename them into place, so
+        a leftover one was never the real file): removed, and said so."""
+        for folder in (self.path, self.state):
+            for tmp in folder.glob(".*.tmp*"):
+                tmp.unlink(missing_ok=True)
+                print(f"{self.path}: removed {tmp.name}, left by an interrupted write",
+                      file=sys.stderr)  # fmt: skip
+
     def _repair(self) -> None:
         """After a kill: drop a torn last line of results.jsonl, and curves of units whose
         result never landed (curves are written first, results define what is done)."""
@@ -108,6 +140,8 @@ class RunDir:
             raw = self.results.read_bytes()
             if raw and not raw.endswith(b"\n"):
                 atomic_write_bytes(self.results, raw[: raw.rfind(b"\n") + 1])
+                print(f"{self.results}: dropped an incomplete last line (a write cut short by "
+                      "a kill); that unit will be trained again", file=sys.stderr)  # fmt: skip
         done = {unit_key(r) for r in read_jsonl(self.results)}
         if self.curves.exists():
             raw = self.curves.read_bytes()
