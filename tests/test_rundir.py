@@ -84,3 +84,16 @@ def test_cifar_batches_are_read_without_running_code(tmp_path):
     evil.write_bytes(pickle.dumps({b"data": _Boom(), b"labels": [0]}, protocol=2))
     with pytest.raises(ValueError, match="refused to load posix.system|refused to load os"):
         _read_cifar_batch(evil)
+
+
+def test_missing_theta_k_is_refused_not_replaced_by_theta0(tmp_path, capsys):
+    out = tmp_path / "late"
+    assert _find(out, "--rewind-iteration", "5") == 0
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(rows[0] + "\n")  # level 1 still to train
+    (out / "curves.jsonl").write_text((out / "curves.jsonl").read_text().splitlines()[0] + "\n")
+    (out / "state" / "trial0_theta.pt").unlink()  # θ0 and θk lost
+    assert _find(out, "--rewind-iteration", "5") == 2
+    err = capsys.readouterr().err
+    assert "θk (iteration 5) of trial 0 is missing" in err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1  # nothing trained

@@ -158,6 +158,18 @@ class Experiment:
             theta0, theta_k = snapshot(model), None
             if cfg.rewind_iteration == 0:
                 self._save_theta(theta_path, theta0, None)
+        late_units = [u for u in todo if u[2] > 0 and REGISTRY[u[1]].late_rewind]
+        if (
+            cfg.rewind_iteration > 0
+            and theta_k is None
+            and late_units
+            and ((trial, "ticket", 0) not in todo)
+        ):  # θk was captured with the level-0 ticket, which is done: never rewind to θ0 instead
+            raise ValueError(
+                f"{theta_path}: θk (iteration {cfg.rewind_iteration}) of trial {trial} is "
+                "missing, and the remaining levels rewind to it; restore the file, or start a "
+                "new run with another --out (it cannot be silently replaced by θ0)"
+            )
         for trial_, control, level in todo:
             assert trial_ == trial
             if level == 0:
