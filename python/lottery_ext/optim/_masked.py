@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from .. import _ops, _validate
+from .. import _ops, _reference, _validate
 
 Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -228,6 +228,22 @@ class MaskedOptimizer:
             self.param_groups.pop()
             raise
 
+    # -- rewinding ----------------------------------------------------------------------------
+
+    def _restart_from(
+        self, params: list[Tensor], masks: dict[Tensor, Tensor], zero_buffers: bool
+    ) -> None:
+        """After the weights were reset (lottery_ext.rewind / reinitialize): keep `masks`,
+        zero the step counters (and the state buffers unless the caller's fused pass did),
+        and make each parameter's next step a first step, without re-allocating anything."""
+        for p, m in masks.items():
+            self._store_mask(p, m)
+        buffers = [b for p in params for b in self._buffers_of(p)] if zero_buffers else []
+        steps = [st["step"] for _, st in self._param_states() if "step" in st]
+        if buffers or steps:
+            torch._foreach_zero_(buffers + steps)
+        self._restart.update(p for p in params if p in self.state)
+
     # -- copy and pickle ------------------------------------------------------------------------
 
     def __getstate__(self) -> dict:
@@ -298,15 +314,16 @@ class MaskedOptimizer:
 
 def zero_pruned(tensors: list[Tensor], mask: Tensor) -> None:
     """Zero the entries of every tensor where `mask` is False, by logical index: one fused
-    native pass over the tensors in the mask's memory order, torch's masked_fill_ for the rest
-    (a layout changed since the mask was set, a sliced view)."""
-    fast = [t for t in tensors if _validate.is_dense(t) and _validate.same_layout(t, mask)]
+    native pass over the tensors in the mask's memory order, the reference (masked_fill_)
+    for the rest (a layout changed since the mask was set, a sliced view)."""
+    fast, slow = [], []
+    for t in tensors:
+        (fast if _validate.is_dense(t) and _validate.same_layout(t, mask) else slow).append(t)
     if fast:
         _ops.apply_mask(fast, [mask] * len(fast))
-    with torch.no_grad():
-        for t in tensors:
-            if not any(t is f for f in fast):
-                t.masked_fill_(~mask, 0)
+    if slow:
+        with torch.no_grad():
+            _reference.apply_mask_(slow, [mask] * len(slow))
 
 
 def fused_device_check(p: Tensor) -> None:

@@ -185,13 +185,9 @@ def rewind(
     for name, b in buffers.items():
         b.copy_(snap[name])
 
-    if masked_opt is not None:
-        for name, m in masks.items():
-            masked_opt._store_mask(named[name], m)
-        steps = [st["step"] for _, st in masked_opt._param_states() if "step" in st]
-        if steps:
-            torch._foreach_zero_(steps)
-        masked_opt._restart.update(p for p in named.values() if p in masked_opt.state)
+    if masked_opt is not None:  # its buffers were zeroed in the pass above
+        masked_opt._restart_from(list(named.values()),
+                                 {named[n]: m for n, m in masks.items()}, False)  # fmt: skip
     elif optimizer is not None:
         optimizer.state.clear()
     if masks and masked_opt is None:
@@ -295,9 +291,9 @@ def reinitialize(
     for name, m in resolved.items():
         p = named[name].detach()
         zero_pruned([p], m)
-    if isinstance(optimizer, MaskedOptimizer):
-        # state reset + masks: rewinding to the weights just drawn
-        rewind(model, snapshot(model), resolved, optimizer)
+    if isinstance(optimizer, MaskedOptimizer):  # state reset + masks, as rewind does
+        optimizer._restart_from(list(named.values()),
+                                {named[n]: m for n, m in resolved.items()}, True)  # fmt: skip
     elif optimizer is not None:
         optimizer.state.clear()
     if resolved and not isinstance(optimizer, MaskedOptimizer):
