@@ -30,6 +30,7 @@ from lottery_ext.cli import main
 from lottery_ext.experiments import runner
 from lottery_ext.experiments.models import build_model
 from lottery_ext.experiments.presets import DEFAULT_PRESET, PRESETS, RunConfig
+from lottery_ext.experiments.rundir import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = (REPO / ".." / "shared" / "data" / "mnist").resolve()
@@ -113,8 +114,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     masks_a = sorted(p.name for p in (a / "state").glob("trial*_masks*.pt"))
     assert masks_a == sorted(p.name for p in (b / "state").glob("trial*_masks*.pt"))
     for name in masks_a:
-        ma = torch.load(a / "state" / name, weights_only=True)
-        mb = torch.load(b / "state" / name, weights_only=True)
+        ma = load_checkpoint(a / "state" / name)
+        mb = load_checkpoint(b / "state" / name)
         assert ma.keys() == mb.keys()
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
@@ -287,8 +288,8 @@ def test_weights_remaining_follows_the_round_compounded_rates(e2e_run):
     assert fractions[0] == 1.0
     assert all(a > b for a, b in zip(fractions, fractions[1:]))
     # the saved masks hold exactly these counts per layer, and are nested
-    m1 = torch.load(e2e_run / "state" / "trial0_masks1.pt", weights_only=True)
-    m2 = torch.load(e2e_run / "state" / "trial0_masks2.pt", weights_only=True)
+    m1 = load_checkpoint(e2e_run / "state" / "trial0_masks1.pt")
+    m2 = load_checkpoint(e2e_run / "state" / "trial0_masks2.pt")
     assert [m.numel() for m in m1.values()] == sizes
     assert [int(m.sum()) for m in m1.values()] == layer_counts(sizes, rates, 1)
     assert [int(m.sum()) for m in m2.values()] == layer_counts(sizes, rates, 2)
@@ -356,18 +357,18 @@ def test_plots_are_png_files(e2e_run):
 
 
 def test_checkpoints_load_with_weights_only(e2e_run):
-    theta = torch.load(e2e_run / "state" / "trial0_theta.pt", weights_only=True)
+    theta = load_checkpoint(e2e_run / "state" / "trial0_theta.pt")
     assert theta["theta_k"] is None  # no late rewinding
     tensors = theta["theta0"]["tensors"]
     assert tensors["fc.weight"].shape == (10, 128)
     assert theta["theta0"]["iteration"] == 0
-    masks = torch.load(e2e_run / "state" / "trial0_masks1.pt", weights_only=True)
+    masks = load_checkpoint(e2e_run / "state" / "trial0_masks1.pt")
     assert set(masks) == {"fc_layers.0.weight", "fc_layers.1.weight", "fc.weight"}
     assert all(m.dtype == torch.bool for m in masks.values())
     # the mid-level checkpoint is gone once a run is complete
     assert not (e2e_run / "state" / "unit.pt").exists()
     # theta0 differs between trials
-    theta1 = torch.load(e2e_run / "state" / "trial1_theta.pt", weights_only=True)
+    theta1 = load_checkpoint(e2e_run / "state" / "trial1_theta.pt")
     assert not torch.equal(tensors["fc.weight"], theta1["theta0"]["tensors"]["fc.weight"])
 
 
@@ -453,7 +454,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(ref200, tmp_path, capsy
     if when == "mid_level":
         # the interrupted level's checkpoint: loadable with weights_only, not a finished unit
         assert ckpt.exists()
-        sd = torch.load(ckpt, weights_only=True)
+        sd = load_checkpoint(ckpt)
         assert tuple(sd["unit"]) not in {runner.unit_key(r) for r in done}
         assert 0 < sd["iteration"] < 200 and sd["iteration"] % 20 == 0
         assert [h["iteration"] for h in sd["history"]] == list(range(20, sd["iteration"] + 1, 20))
@@ -470,7 +471,7 @@ def test_injected_kill_mid_level_resumes_from_the_checkpoint(ref, tmp_path, monk
     # ticket level 1, right after the evaluation at 40: the checkpoint at 20 is on disk
     kill_at_eval(monkeypatch, (0, "ticket", 1), 40)
     run_killed(monkeypatch, out)
-    sd = torch.load(out / "state" / "unit.pt", weights_only=True)
+    sd = load_checkpoint(out / "state" / "unit.pt")
     assert sd["unit"] == [0, "ticket", 1] and sd["iteration"] == 20
     assert [runner.unit_key(r) for r in read_jsonl(out / "results.jsonl")] == [(0, "ticket", 0)]
     resumed_from = []
@@ -547,7 +548,7 @@ def test_late_rewinding_resumes_between_capture_and_first_checkpoint(
     out = tmp_path / "run"
     kill_at_eval(monkeypatch, (0, "ticket", 0), 15)  # after capture at 10, before ckpt 20
     run_killed(monkeypatch, out, *REWIND)
-    saved = torch.load(out / "state" / "trial0_theta.pt", weights_only=True)
+    saved = load_checkpoint(out / "state" / "trial0_theta.pt")
     assert saved["theta_k"] is not None and saved["theta_k"]["iteration"] == 10
     assert not (out / "state" / "unit.pt").exists()
     assert find(out, NO_PLOTS, *REWIND) == 0
@@ -596,7 +597,7 @@ def test_changed_configuration_refused_for_an_interrupted_run(tmp_path, monkeypa
     assert find(out, NO_PLOTS, "--lr", "0.01") == 2
     assert "lr: 0.002 -> 0.01" in capsys.readouterr().err
     assert not (out / "results.jsonl").exists()
-    assert torch.load(out / "state" / "unit.pt", weights_only=True)["iteration"] == 20
+    assert load_checkpoint(out / "state" / "unit.pt")["iteration"] == 20
 
 
 # ---- 5. report ----------------------------------------------------------------------------------
@@ -705,7 +706,7 @@ def test_info_prints_json_with_native(capsys):
 
 def test_random_mask_control_keeps_the_ticket_counts_at_random(ref):
     cfg = RunConfig(**json.loads((ref / "config.json").read_text())["config"])
-    ticket = torch.load(ref / "state" / "trial0_masks1.pt", weights_only=True)
+    ticket = load_checkpoint(ref / "state" / "trial0_masks1.pt")
     rand1 = runner.random_masks(cfg, ticket, 0, 1)
     assert rand1.keys() == ticket.keys()
     for name, m in ticket.items():
@@ -735,7 +736,7 @@ def test_late_rewinding_trains_the_pruned_levels_from_k(ref_rewind):
             assert its == list(range(5, 61, 5)), (control, level)
     for r in rows:
         assert r["early_stop_iteration"] in [h["iteration"] for h in curves[runner.unit_key(r)]]
-    saved = torch.load(ref_rewind / "state" / "trial0_theta.pt", weights_only=True)
+    saved = load_checkpoint(ref_rewind / "state" / "trial0_theta.pt")
     assert saved["theta_k"]["iteration"] == 10
     w0, wk = saved["theta0"]["tensors"]["fc.weight"], saved["theta_k"]["tensors"]["fc.weight"]
     assert not torch.equal(w0, wk)
@@ -784,7 +785,7 @@ def test_optimizers_and_global_scope(ref, tmp_path, opts):
         # one threshold over the hidden layers (20% of them together), the output at 10%
         hidden = sizes[0] + sizes[1]
         kept = hidden - round(0.2 * hidden) + sizes[2] - round(0.1 * sizes[2])
-        masks = torch.load(out / "state" / "trial0_masks1.pt", weights_only=True)
+        masks = load_checkpoint(out / "state" / "trial0_masks1.pt")
         assert int(masks["fc.weight"].sum()) == sizes[2] - round(0.1 * sizes[2])
         # a global threshold does not take exactly 20% of each hidden layer
         per_layer = [int(m.sum()) for m in masks.values()][:2]

@@ -70,7 +70,7 @@ def _cmd_find(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out_dir(cfg)
         print(f"run directory: {out}")
         Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress,
-                   task=task).run()  # fmt: skip
+                   task=task, adopt=args.adopt).run()  # fmt: skip
     except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own data: module:callable returning (train, val, "
         "test) Datasets, DataLoaders or (x, y) tensor pairs",
     )
+    adopt_help = ("resume a run directory whose config.json was lost: its results are taken "
+                  "as this command's (each row's config hash is checked)")  # fmt: skip
+    find.add_argument("--adopt", action="store_true", help=adopt_help)
     find.add_argument("--dry-run", action="store_true",
                       help="print what would be pruned (every parameter, its rate and why) and "
                            "exit without training or writing anything")  # fmt: skip

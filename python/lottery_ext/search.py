@@ -121,12 +121,15 @@ class TicketSearch:
         self.out = Path(out)
         self.progress = progress
 
-    def run(self) -> Path:
-        """Run (or resume) the search; returns the run directory."""
+    def run(self, adopt: bool = False) -> Path:
+        """Run (or resume) the search; returns the run directory. `adopt`: the run directory
+        lost its config.json; take its results as this search's (their configuration hash
+        is checked, so results of another configuration are still refused)."""
         from .experiments.runner import Experiment
 
         return Experiment(self.cfg, self.out, progress=self.progress, task=self.task,
-                          log=print if self.progress else (lambda _: None)).run()  # fmt: skip
+                          log=print if self.progress else (lambda _: None),
+                          adopt=adopt).run()  # fmt: skip
 
     def results(self) -> list[dict]:
         """The rows of results.jsonl: one per (trial, control, level)."""

@@ -208,7 +208,7 @@ def export_ticket(run_dir: str | os.PathLike, trial: int, level: int) -> Ticket:
     run's rewind point (θ0, or θk with ``--rewind-iteration k``), the recipe and the level's
     figures from results.jsonl."""
     from . import __version__
-    from .experiments.rundir import load_checkpoint, read_jsonl
+    from .experiments.rundir import config_hash, load_checkpoint, read_jsonl
 
     run_dir = Path(run_dir)
     meta = _run_config(run_dir)
@@ -228,7 +228,8 @@ def export_ticket(run_dir: str | os.PathLike, trial: int, level: int) -> Ticket:
     theta_path = run_dir / "state" / f"trial{trial}_theta.pt"
     if not theta_path.exists():
         raise FileNotFoundError(f"{theta_path}: missing; the ticket's rewind point is lost")
-    theta = load_checkpoint(theta_path)
+    h = meta.get("config_hash") or config_hash(cfg)  # checksums and identity checked
+    theta = load_checkpoint(theta_path, {"kind": "theta", "config": h, "trial": trial})
     late = level > 0 and theta.get("theta_k")
     snap = Snapshot.from_state_dict(theta["theta_k"] if late else theta["theta0"])
     if level == 0:
@@ -237,7 +238,9 @@ def export_ticket(run_dir: str | os.PathLike, trial: int, level: int) -> Ticket:
         masks_path = run_dir / "state" / f"trial{trial}_masks{level}.pt"
         if not masks_path.exists():
             raise FileNotFoundError(f"{masks_path}: missing")
-        masks = load_checkpoint(masks_path)
+        masks = load_checkpoint(
+            masks_path, {"kind": "masks", "config": h, "trial": trial, "level": level}
+        )
     recipe = {k: cfg.get(k) for k in ("rate", "output_rate", "conv_rate", "scope",
                                       "rewind_iteration")}  # fmt: skip
     provenance = {

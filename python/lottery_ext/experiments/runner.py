@@ -67,10 +67,12 @@ def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
 
 class Experiment:
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, data_dir=None, progress=True,
-                 log: Callable[[str], None] = print, task=None):  # fmt: skip
+                 log: Callable[[str], None] = print, task=None, adopt=False):  # fmt: skip
         """`task`: a user's ``task.UserTask`` (``TicketSearch``); default: the preset's, with
-        its data set loaded from `data_dir`."""
+        its data set loaded from `data_dir`. `adopt`: take results found without a
+        config.json as this configuration's (``RunDir.open``)."""
         self.cfg, self.data_dir, self.progress, self.log = cfg, data_dir, progress, log
+        self.adopt = adopt
         self.run_dir = RunDir(out_dir)
         self.task = task
 
@@ -88,17 +90,18 @@ class Experiment:
             self.data = data.to(self.device)
             self.task = PresetTask(cfg, self.data)
             self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
-                                    "num_classes": int(data.num_classes)})  # fmt: skip
+                                    "num_classes": int(data.num_classes)},
+                              adopt=self.adopt)  # fmt: skip
         else:
-            self.run_dir.open(cfg)
+            self.run_dir.open(cfg, adopt=self.adopt)
         done = self.run_dir.done()
         units = [tuple(u) for u in schedule_units(cfg)]
         todo = [u for u in units if u not in done]
         if not todo:
-            (self.run_dir.state / "unit.pt").unlink(missing_ok=True)  # a kill after the last result
+            self.run_dir.unit_path.unlink(missing_ok=True)  # a kill after the last result
             self.log(f"{self.run_dir.path}: all {len(units)} levels already done")
             return self.run_dir.path
-        if len(todo) < len(units) or (self.run_dir.state / "unit.pt").exists():
+        if len(todo) < len(units) or self.run_dir.unit_path.exists():
             self.log(self._resume_line(len(units) - len(todo), len(units), todo[0]))
         from tqdm.auto import tqdm
 
@@ -117,27 +120,18 @@ class Experiment:
         """Where a resumed run picks up: units done, the next unit and its iteration."""
         trial, control, level = nxt
         where = ""
-        ckpt = self.run_dir.state / "unit.pt"
-        if ckpt.exists():
-            try:
-                sd = load_checkpoint(ckpt)
-                if sd["unit"] == [trial, control, level]:
-                    where = f" from iteration {int(sd['iteration'])}"
-            except Exception:  # an unreadable checkpoint is retrained from the start
-                where = " from the start (its checkpoint is unreadable)"
+        sd = self.run_dir.load_unit()  # a damaged or foreign one is set aside, and said so
+        if sd is not None and sd["unit"] == [trial, control, level]:
+            where = f" from iteration {int(sd['iteration'])}"
         return (f"resuming {self.run_dir.path}: {done} of {total} units done; next: trial "
                 f"{trial}, {control}, level {level}{where}")  # fmt: skip
 
     def _devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 
-    def _trial_files(self, trial: int) -> tuple[Path, Callable[[int], Path]]:
-        s = self.run_dir.state
-        return s / f"trial{trial}_theta.pt", lambda level: s / f"trial{trial}_masks{level}.pt"
-
     def _run_trial(self, trial: int, todo: list[tuple], bar) -> None:
         cfg = self.cfg
-        theta_path, masks_path = self._trial_files(trial)
+        run_dir = self.run_dir
         own = isinstance(self.task, UserTask)
         if own:  # θ0 is what the user's factory draws, under the trial's seed
             with torch.random.fork_rng(devices=self._devices()):
@@ -146,8 +140,8 @@ class Experiment:
         else:
             model = self._model()
         pruner = make_pruner(cfg, model)
-        if theta_path.exists():
-            saved = load_checkpoint(theta_path)
+        saved = run_dir.load_theta(trial)
+        if saved is not None:
             theta0 = Snapshot.from_state_dict(saved["theta0"])
             theta_k = Snapshot.from_state_dict(saved["theta_k"]) if saved["theta_k"] else None
         else:
@@ -157,7 +151,7 @@ class Experiment:
                     init_weights(model, cfg.init)
             theta0, theta_k = snapshot(model), None
             if cfg.rewind_iteration == 0:
-                self._save_theta(theta_path, theta0, None)
+                run_dir.save_theta(trial, theta0.state_dict(), None)
         late_units = [u for u in todo if u[2] > 0 and REGISTRY[u[1]].late_rewind]
         if (
             cfg.rewind_iteration > 0
@@ -166,43 +160,34 @@ class Experiment:
             and ((trial, "ticket", 0) not in todo)
         ):  # θk was captured with the level-0 ticket, which is done: never rewind to θ0 instead
             raise ValueError(
-                f"{theta_path}: θk (iteration {cfg.rewind_iteration}) of trial {trial} is "
-                "missing, and the remaining levels rewind to it; restore the file, or start a "
-                "new run with another --out (it cannot be silently replaced by θ0)"
+                f"{run_dir.theta_path(trial)}: θk (iteration {cfg.rewind_iteration}) of trial "
+                f"{trial} is missing, and the remaining levels rewind to it; restore the file, "
+                "or start a new run with another --out (it cannot be silently replaced by θ0)"
             )
         for trial_, control, level in todo:
             assert trial_ == trial
             if level == 0:
                 masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in pruner.targets.items()}
             else:
-                masks = {
-                    n: m.to(self.device) for n, m in load_checkpoint(masks_path(level)).items()
-                }
+                masks = {n: m.to(self.device) for n, m in run_dir.load_masks(trial, level).items()}
             masks = REGISTRY[control].masks(cfg, masks, trial, level)
             # tickets and random masks of later levels rewind to θk; the dense level starts at θ0
             late = theta_k is not None and REGISTRY[control].late_rewind and level > 0
             start = theta_k if late else theta0
             capture_k = control == "ticket" and level == 0 and cfg.rewind_iteration > 0
             self._train_unit(trial, control, level, model, pruner, masks, start, theta0,
-                             capture_k, theta_path, masks_path, bar)  # fmt: skip
+                             capture_k, bar)  # fmt: skip
             if capture_k:
-                theta_k = Snapshot.from_state_dict(load_checkpoint(theta_path)["theta_k"])
-
-    def _save_theta(self, path: Path, theta0: Snapshot, theta_k: Snapshot | None) -> None:
-        atomic_torch_save({"theta0": theta0.state_dict(),
-                           "theta_k": theta_k.state_dict() if theta_k else None}, path)  # fmt: skip
+                theta_k = Snapshot.from_state_dict(run_dir.load_theta(trial)["theta_k"])
 
     def _train_unit(self, trial, control, level, model, pruner, masks, start, theta0, capture_k,
-                    theta_path, masks_path, bar) -> None:  # fmt: skip
+                    bar) -> None:  # fmt: skip
         """Train one unit (``training.train_unit``, which knows no files) and write what it
         returns: the row and curve, the next level's masks, checkpoints and θk on the way."""
-        cfg = self.cfg
-        ckpt = self.run_dir.state / "unit.pt"
-        resume = None
-        if ckpt.exists():
-            sd = load_checkpoint(ckpt)
-            if sd["unit"] == [trial, control, level]:
-                resume = sd
+        cfg, run_dir = self.cfg, self.run_dir
+        resume = run_dir.load_unit()
+        if resume is not None and resume["unit"] != [trial, control, level]:
+            resume = None  # a finished unit's, left by a kill before it was removed
         from tqdm.auto import tqdm
 
         inner = tqdm(total=cfg.iterations, initial=resume["iteration"] if resume else 0,
@@ -210,18 +195,17 @@ class Experiment:
                      desc=f"trial {trial} {control} L{level}")  # fmt: skip
         out = train_unit(
             cfg, self.task, Unit(trial, control, level), model, pruner, masks, start, theta0,
-            resume=resume, checkpoint=lambda sd: atomic_torch_save(sd, ckpt),
-            on_theta_k=(lambda snap: self._save_theta(theta_path, theta0, snap))
+            resume=resume, checkpoint=run_dir.save_unit,
+            on_theta_k=(lambda snap: run_dir.save_theta(trial, theta0.state_dict(),
+                                                        snap.state_dict()))
             if capture_k else None, progress=inner,
         )  # fmt: skip
         inner.close()
         result, curve = out.result, out.curve
         if out.next_masks is not None and level < cfg.rounds:
-            atomic_torch_save({n: m.cpu() for n, m in out.next_masks.items()},
-                              masks_path(level + 1))  # fmt: skip
-        self.run_dir.append(result, curve)
-        if ckpt.exists():
-            ckpt.unlink()
+            run_dir.save_masks(trial, level + 1, out.next_masks)
+        run_dir.append(result, curve)
+        run_dir.unit_path.unlink(missing_ok=True)
         bar.update(1)
         if "test_accuracy_at_early_stop" in result:
             figure = f"test acc {100 * result['test_accuracy_at_early_stop']:.2f}%"
