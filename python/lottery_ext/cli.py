@@ -16,14 +16,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from .experiments.presets import DEFAULT_PRESET, PRESETS
+    from .experiments.estimate import preset_size
+    from .experiments.presets import DEFAULT_PRESET, PRESETS, RunConfig
 
+    if not args.no_time:
+        print("(rough times: a training step of each preset timed here on random data, once; "
+              "remembered in the user cache; --no-time skips it)", file=sys.stderr)  # fmt: skip
     for p in PRESETS.values():
         star = " (default)" if p.name == DEFAULT_PRESET else ""
         print(f"{p.name}{star}: {p.description}")
         print(f"    {p.recipe()}")
+        print(f"    {preset_size(RunConfig.from_preset(p), timed=not args.no_time)}")
         if p.needs_data:
             print(f"    --data-dir: {p.needs_data}")
+        sys.stdout.flush()  # one preset at a time: the timings take a moment
     return 0
 
 
@@ -335,9 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="ticket file (default ticket-trial<T>-level<L>.pt)")
     exp.set_defaults(func=_cmd_export)
 
-    sub.add_parser("presets", help="list the presets and their recipes").set_defaults(
-        func=_cmd_presets
-    )
+    pre = sub.add_parser("presets", help="list the presets: recipe, size, rough time here")
+    pre.add_argument("--no-time", action="store_true",
+                     help="do not time a training step of each preset")  # fmt: skip
+    pre.set_defaults(func=_cmd_presets)
     sub.add_parser("info", help="how this install was built").set_defaults(func=_cmd_info)
     return parser
 

@@ -20,8 +20,10 @@ from .. import MagnitudePruner
 from ..pruning.rewind import Snapshot, snapshot
 from .controls import CONTROLS, REGISTRY, random_masks
 from .data import load_dataset
+from .estimate import unit_iterations
 from .models import init_weights
 from .presets import RunConfig
+from .progress import Progress
 from .rundir import (
     RunDir,
     atomic_torch_save,
@@ -101,28 +103,33 @@ class Experiment:
             self.run_dir.unit_path.unlink(missing_ok=True)  # a kill after the last result
             self.log(f"{self.run_dir.path}: all {len(units)} levels already done")
             return self.run_dir.path
-        if len(todo) < len(units) or self.run_dir.unit_path.exists():
-            self.log(self._resume_line(len(units) - len(todo), len(units), todo[0]))
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="levels",
-                   disable=not self.progress, unit="level")  # fmt: skip
-        for trial in range(cfg.trials):
-            trial_units = [u for u in todo if u[0] == trial]
-            if trial_units:
-                self._run_trial(trial, trial_units, bar)
-        bar.close()
+        resume = self.run_dir.load_unit()  # a damaged or foreign one is set aside, and said so
+        if resume is not None and tuple(resume["unit"]) != todo[0]:
+            resume = None  # a finished unit's, left by a kill before it was removed
+        if len(todo) < len(units) or resume is not None:
+            self.log(self._resume_line(len(units) - len(todo), len(units), todo[0], resume))
+        left = [unit_iterations(cfg, Unit(*u)) for u in todo]
+        if resume is not None:
+            left[0] = cfg.iterations - int(resume["iteration"])
+        self.log(f"plan: {len(todo)} of {len(units)} units to train, {cfg.iterations:,} "
+                 f"iterations each (evaluated every {cfg.eval_every}): {sum(left):,} "
+                 "iterations; an estimate follows the first evaluation")  # fmt: skip
+        bar = Progress(left, len(units), log=self.log, enabled=self.progress)
+        try:
+            for trial in range(cfg.trials):
+                trial_units = [u for u in todo if u[0] == trial]
+                if trial_units:
+                    self._run_trial(trial, trial_units, bar)
+        finally:
+            bar.close()
         return self.run_dir.path
 
     # -- one trial -----------------------------------------------------------------------------
 
-    def _resume_line(self, done: int, total: int, nxt: tuple) -> str:
+    def _resume_line(self, done: int, total: int, nxt: tuple, resume: dict | None) -> str:
         """Where a resumed run picks up: units done, the next unit and its iteration."""
         trial, control, level = nxt
-        where = ""
-        sd = self.run_dir.load_unit()  # a damaged or foreign one is set aside, and said so
-        if sd is not None and sd["unit"] == [trial, control, level]:
-            where = f" from iteration {int(sd['iteration'])}"
+        where = f" from iteration {int(resume['iteration'])}" if resume is not None else ""
         return (f"resuming {self.run_dir.path}: {done} of {total} units done; next: trial "
                 f"{trial}, {control}, level {level}{where}")  # fmt: skip
 
@@ -188,31 +195,27 @@ class Experiment:
         resume = run_dir.load_unit()
         if resume is not None and resume["unit"] != [trial, control, level]:
             resume = None  # a finished unit's, left by a kill before it was removed
-        from tqdm.auto import tqdm
-
-        inner = tqdm(total=cfg.iterations, initial=resume["iteration"] if resume else 0,
-                     leave=False, disable=not self.progress,
-                     desc=f"trial {trial} {control} L{level}")  # fmt: skip
+        unit = Unit(trial, control, level)
+        first = int(resume["iteration"]) if resume else cfg.iterations - unit_iterations(cfg, unit)
+        bar.start_unit(f"trial {trial} {control} L{level}", first, cfg.iterations)
         out = train_unit(
-            cfg, self.task, Unit(trial, control, level), model, pruner, masks, start, theta0,
+            cfg, self.task, unit, model, pruner, masks, start, theta0,
             resume=resume, checkpoint=run_dir.save_unit,
             on_theta_k=(lambda snap: run_dir.save_theta(trial, theta0.state_dict(),
                                                         snap.state_dict()))
-            if capture_k else None, progress=inner,
+            if capture_k else None, progress=bar,
         )  # fmt: skip
-        inner.close()
         result, curve = out.result, out.curve
         if out.next_masks is not None and level < cfg.rounds:
             run_dir.save_masks(trial, level + 1, out.next_masks)
         run_dir.append(result, curve)
         run_dir.unit_path.unlink(missing_ok=True)
-        bar.update(1)
         if "test_accuracy_at_early_stop" in result:
             figure = f"test acc {100 * result['test_accuracy_at_early_stop']:.2f}%"
         else:  # a user's own metric
             key = f"{self.task.early_stop_on}_at_early_stop"
             figure = f"{key} {result.get(key, float('nan')):.4g}"
-        bar.write(
+        bar.unit_done(
             f"trial {trial} {control:12s} level {level:2d}: "
             f"{100 * result['weights_remaining']:6.2f}% weights, early stop @ "
             f"{result['early_stop_iteration']:>6d}, {figure}"

@@ -139,10 +139,13 @@ class Level:
             self.it += 1
             if self.on_iteration is not None:
                 self.on_iteration(self.it)
-            if self.it % cfg.eval_every == 0 or self.it == cfg.iterations:
+            evaluated = self.it % cfg.eval_every == 0 or self.it == cfg.iterations
+            if evaluated:
                 self.evaluate_now()
             if progress is not None:
                 progress.update(1)
+                if evaluated and hasattr(progress, "evaluated"):  # a ``progress.Progress``
+                    progress.evaluated(self.it)
             if self.it % cfg.checkpoint_every == 0 and self.it < cfg.iterations:
                 self.seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
