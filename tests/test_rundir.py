@@ -111,9 +111,12 @@ def _rows(path: Path) -> list[dict]:
     ]
 
 
+UNIT = "unit_t0_ticket_L1.pt"
+
+
 def _killed_in_last_unit(out: Path, monkeypatch, *extra: str) -> None:
-    """A run killed after its last unit trained but before its row landed: state/unit.pt
-    holds that unit's checkpoint at iteration 10."""
+    """A run killed after its last unit trained but before its row landed: its checkpoint
+    (state/unit_t0_ticket_L1.pt) is at iteration 10."""
     orig = RunDir.append
     calls = []
 
@@ -126,7 +129,7 @@ def _killed_in_last_unit(out: Path, monkeypatch, *extra: str) -> None:
     monkeypatch.setattr(RunDir, "append", append)
     assert _find(out, *extra) == 130
     monkeypatch.setattr(RunDir, "append", orig)
-    assert load_checkpoint(out / "state" / "unit.pt")["iteration"] == 10
+    assert load_checkpoint(out / "state" / UNIT)["iteration"] == 10
 
 
 def _flip_byte(path: Path, at: int = -100) -> None:
@@ -152,19 +155,19 @@ def test_damaged_or_foreign_unit_checkpoint_is_set_aside_and_retrained(
 ):
     out = tmp_path / "killed"
     _killed_in_last_unit(out, monkeypatch)
-    ckpt = out / "state" / "unit.pt"
+    ckpt = out / "state" / UNIT
     if where == "unit":
         _flip_byte(ckpt)
     else:  # the same unit's checkpoint from a run of another configuration
         other = tmp_path / "other"
         _killed_in_last_unit(other, monkeypatch, "--lr", "0.05")
-        ckpt.write_bytes((other / "state" / "unit.pt").read_bytes())
+        ckpt.write_bytes((other / "state" / UNIT).read_bytes())
     capsys.readouterr()
     assert _find(out) == 0
     err = capsys.readouterr().err
-    assert "unit.pt" in err and "set aside" in err and "Traceback" not in err
+    assert UNIT in err and "set aside" in err and "Traceback" not in err
     assert ("checksum" in err) if where == "unit" else ("belongs to unit of config" in err)
-    assert (out / "state" / "unit.pt.rejected").exists()  # kept, not deleted
+    assert (out / "state" / (UNIT + ".rejected")).exists()  # kept, not deleted
     assert _rows(out / "results.jsonl") == _rows(run / "results.jsonl")  # retrained, same
 
 

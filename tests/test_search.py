@@ -114,7 +114,7 @@ def test_same_seed_same_results_and_resume_after_a_kill(done, tmp_path, monkeypa
     monkeypatch.setattr(training.Level, "evaluate_now", evaluate_now)
     with pytest.raises(KeyboardInterrupt):
         _search(out).run()
-    assert (out / "state" / "unit.pt").exists()
+    assert (out / "state" / "unit_t0_ticket_L1.pt").exists()
     monkeypatch.setattr(training.Level, "evaluate_now", orig)
     _search(out).run()
     assert _rows(out) == _rows(done)

@@ -76,7 +76,7 @@ def _cmd_find(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out_dir(cfg)
         print(f"run directory: {out}")
         Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress,
-                   task=task, adopt=args.adopt).run()  # fmt: skip
+                   task=task, adopt=args.adopt, **_scale_options(args)).run()  # fmt: skip
     except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,14 +89,36 @@ def _cmd_find(args: argparse.Namespace) -> int:
         again = " ".join(["lottery-ext", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
         if args.out is None:
             again += f" --out {out}"
-        print(f"\ninterrupted: finished units are in {out}/results.jsonl and the unit in "
-              f"progress has a checkpoint (state/unit.pt); resume with: {again}",
+        print(f"\ninterrupted: finished units are in {out}/results.jsonl and the units in "
+              f"progress have checkpoints (state/unit_*.pt); resume with: {again}",
               file=sys.stderr)  # fmt: skip
         return 130
     print(report(out, make_plots=not args.no_plots))
     print(f"\nresults: {out}/results.jsonl, summary: {out}/summary.csv"
           + ("" if args.no_plots else f", plots: {out}/accuracy.png"))  # fmt: skip
     return 0
+
+
+def _scale_options(args: argparse.Namespace) -> dict:
+    """--workers, --executor and the Ray options, checked."""
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.executor != "ray" and (args.ray_address or args.unit_gpus):
+        raise ValueError("--ray-address and --unit-gpus go with --executor ray")
+    for name in ("unit_cpus", "unit_gpus"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and value < float("inf")):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+    if args.retries is not None and args.retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {args.retries}")
+    if args.executor == "ray" and args.workers:
+        raise ValueError(
+            "--workers is for local worker processes; with --executor ray, "
+            "the cluster's CPUs and --unit-cpus decide how many units run at once"
+        )
+    return dict(workers=args.workers or 1, executor=args.executor,
+                ray_address=args.ray_address, unit_cpus=args.unit_cpus or 1.0,
+                unit_gpus=args.unit_gpus or 0.0, retries=args.retries)  # fmt: skip
 
 
 def _checked_options(args: argparse.Namespace) -> dict:
@@ -198,6 +220,8 @@ def _import(spec: str, option: str):
 def _own_search(args, cfg):
     """`find --model M:f --data M:g`: the user's model factory and data sets with every other
     option of `find`; the preset supplies the defaults (optimizer, lr schedule, budget)."""
+    import functools
+
     from .experiments.training import lr_at, optimizer_for
     from .search import TicketSearch
 
@@ -210,7 +234,7 @@ def _own_search(args, cfg):
     if not isinstance(data, (tuple, list)) or len(data) != 3:
         raise ValueError("--data: the callable must return (train, val, test) or a dict of them")
     search = TicketSearch(
-        model_fn, *data, optimizer=lambda params: optimizer_for(cfg, params),
+        model_fn, *data, optimizer=functools.partial(optimizer_for, cfg),
         iterations=cfg.iterations, out=args.out or ".", batch_size=cfg.batch_size,
         eval_every=cfg.eval_every, rounds=cfg.rounds, rate=cfg.rate, trials=cfg.trials,
         controls=cfg.controls, output_rate=cfg.output_rate, scope=cfg.scope,
@@ -218,7 +242,8 @@ def _own_search(args, cfg):
         checkpoint_every=cfg.checkpoint_every, threads=cfg.threads,
         progress=not args.no_progress,
     )  # fmt: skip
-    search.task.lr_schedule = lambda it: lr_at(cfg, it)  # the preset's warmup and milestones
+    # the preset's warmup and milestones (partials, not lambdas: workers unpickle the task)
+    search.task.lr_schedule = functools.partial(lr_at, cfg)
     own = search.cfg  # what config.json records (and a resume must match)
     own.model, own.dataset = args.model, args.data
     own.optimizer, own.lr, own.momentum = cfg.optimizer, cfg.lr, cfg.momentum
@@ -315,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own data: module:callable returning (train, val, "
         "test) Datasets, DataLoaders or (x, y) tensor pairs",
     )
+    scale = find.add_argument_group("running units in parallel")
+    scale.add_argument("--workers", type=int,
+                       help="train up to N units at once in N local worker processes, each "
+                            "with cores/N threads unless --threads is given (default 1: in "
+                            "this process)")  # fmt: skip
+    scale.add_argument("--executor", choices=["local", "ray"], default="local",
+                       help="local (this process, or --workers processes) or ray (Ray tasks; "
+                            "pip install 'lottery_ext[ray]')")  # fmt: skip
+    scale.add_argument("--ray-address", help="Ray cluster to join (default: start one here)")
+    scale.add_argument("--unit-cpus", type=float, help="CPUs each unit asks Ray for (default 1)")
+    scale.add_argument("--unit-gpus", type=float, help="GPUs each unit asks Ray for (default 0)")
+    scale.add_argument("--retries", type=int,
+                       help="runs of a failing unit before the search stops (default 2 with "
+                            "workers or Ray, 0 in this process)")  # fmt: skip
     adopt_help = ("resume a run directory whose config.json was lost: its results are taken "
                   "as this command's (each row's config hash is checked)")  # fmt: skip
     find.add_argument("--adopt", action="store_true", help=adopt_help)

@@ -43,6 +43,9 @@ class TicketSearch:
         reinit: ``module -> None`` applied by ``model.apply`` for the reinit control (default:
             each module's ``reset_parameters``).
         seed, device, checkpoint_every, threads, progress: as for ``lottery-ext find``.
+        workers, executor, ray_address, unit_cpus, unit_gpus, retries: units in parallel, as
+            ``find --workers/--executor ...`` (workers unpickle the model factory, data and
+            hooks: define them at module level for local workers; Ray pickles closures too).
     """
 
     def __init__(
@@ -81,6 +84,12 @@ class TicketSearch:
         checkpoint_every: int = 1000,
         threads: int | None = None,
         progress: bool = True,
+        workers: int = 1,
+        executor: str = "local",
+        ray_address: str | None = None,
+        unit_cpus: float = 1.0,
+        unit_gpus: float = 0.0,
+        retries: int | None = None,
     ) -> None:
         from .experiments.presets import RunConfig
         from .experiments.task import UserTask
@@ -120,6 +129,8 @@ class TicketSearch:
         self.task.make_optimizer(probe.to(self.device))  # a masked optimizer (clear error)
         self.out = Path(out)
         self.progress = progress
+        self.scale = dict(workers=workers, executor=executor, ray_address=ray_address,
+                          unit_cpus=unit_cpus, unit_gpus=unit_gpus, retries=retries)  # fmt: skip
 
     def run(self, adopt: bool = False) -> Path:
         """Run (or resume) the search; returns the run directory. `adopt`: the run directory
@@ -129,7 +140,7 @@ class TicketSearch:
 
         return Experiment(self.cfg, self.out, progress=self.progress, task=self.task,
                           log=print if self.progress else (lambda _: None),
-                          adopt=adopt).run()  # fmt: skip
+                          adopt=adopt, **self.scale).run()  # fmt: skip
 
     def results(self) -> list[dict]:
         """The rows of results.jsonl: one per (trial, control, level)."""

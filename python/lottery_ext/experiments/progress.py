@@ -58,6 +58,11 @@ class Progress:
         if self.bar is not None:
             self.bar.set_description(f"[{self.units_done + 1}/{self.units_total}] {name}")
 
+    def status(self, running: int, queued: int) -> None:
+        """With workers: how many units are running and queued (shown in the bar)."""
+        if self.bar is not None and (running > 1 or queued and running != 1):
+            self.bar.set_postfix_str(f"{running} running, {queued} queued", refresh=False)
+
     def update(self, n: int = 1) -> None:
         self.it += n
         self.left -= n

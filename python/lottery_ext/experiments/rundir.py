@@ -8,7 +8,8 @@ what a kill left behind.
   curves.jsonl      per-eval validation/test curves of each (trial, control, level)
   state/trial{t}_theta.pt   {"theta0": θ0, "theta_k": θk or None} (Snapshot state dicts)
   state/trial{t}_masks{L}.pt  name -> bool mask of trial t's ticket at level L >= 1
-  state/unit.pt     the unit in progress: model, optimizer, data order, history (resume)
+  state/unit_t{t}_{control}_L{L}.pt  a unit in progress: model, optimizer, data order,
+                    history (resume); one per unit running (several with --workers)
 
 Nothing here is trusted for what it claims to be. Every results/curves row carries the
 configuration's hash. Every checkpoint is one line of magic, one JSON header line naming what
@@ -158,7 +159,7 @@ class RunDir:
         self.state = self.path / "state"
         self.results = self.path / "results.jsonl"
         self.curves = self.path / "curves.jsonl"
-        self.unit_path = self.state / "unit.pt"
+        self.legacy_unit_path = self.state / "unit.pt"  # before per-unit files
         self.hash: str | None = None  # set by open()
 
     def open(self, cfg: RunConfig, data: dict | None = None, adopt: bool = False) -> None:
@@ -341,30 +342,61 @@ class RunDir:
                 "another --out"
             ) from None
 
+    def unit_path(self, unit) -> Path:
+        trial, control, level = unit
+        return self.state / f"unit_t{trial}_{control}_L{level}.pt"
+
     def save_unit(self, sd: dict) -> None:
         trial, control, level = sd["unit"]
         where = dict(trial=trial, control=control, level=level, iteration=int(sd["iteration"]))
-        save_checkpoint(sd, self.unit_path, self._identity("unit", **where))
+        save_checkpoint(sd, self.unit_path(sd["unit"]), self._identity("unit", **where))
 
-    def load_unit(self) -> dict | None:
-        """The checkpoint of the unit in progress, or None. One that is damaged or belongs to
-        another run is set aside (state/unit.pt.rejected) and said so: its unit is trained
+    def drop_unit(self, unit) -> None:
+        """A finished unit's checkpoint is no longer needed."""
+        self.unit_path(unit).unlink(missing_ok=True)
+        legacy = self.legacy_unit_path
+        if legacy.exists():
+            try:
+                if tuple(read_checkpoint(legacy)[1]["unit"]) == tuple(unit):
+                    legacy.unlink()
+            except (CheckpointError, KeyError, TypeError):
+                pass
+
+    def drop_stale_units(self, done) -> None:
+        """Checkpoints of units whose row landed (a kill between the two): removed."""
+        for path in self.state.glob("unit_t*_L*.pt"):
+            if any(path == self.unit_path(u) for u in done):
+                path.unlink()
+
+    def load_unit(self, unit) -> dict | None:
+        """The checkpoint of `unit` in progress, or None. One that is damaged or belongs to
+        another run or unit is set aside (``.rejected``) and said so: its unit is trained
         again from the start, which loses time, never correctness."""
-        if not self.unit_path.exists():
-            return None
-        try:
-            header, sd = read_checkpoint(self.unit_path)
-            check_identity(self.unit_path, header, self._identity("unit"))
-            where = [*sd["unit"], int(sd["iteration"])]
-            if header is not None and where != [header.get(k) for k in UNIT_WHERE]:
-                raise CheckpointError(f"{self.unit_path}: its header and contents disagree")
-        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
-            aside = self.unit_path.with_name("unit.pt.rejected")
-            os.replace(self.unit_path, aside)
-            print(f"{exc}; set aside as {aside}: that unit is trained again from the start",
-                  file=sys.stderr)  # fmt: skip
-            return None
-        return sd
+        for path in (self.unit_path(unit), self.legacy_unit_path):
+            if not path.exists():
+                continue
+            try:
+                header, sd = read_checkpoint(path)
+                if path == self.legacy_unit_path:
+                    if tuple(sd["unit"]) != tuple(unit):
+                        continue  # another unit's, from before per-unit files
+                    expect = self._identity("unit")
+                else:
+                    expect = self._identity("unit", trial=unit[0], control=unit[1], level=unit[2])
+                check_identity(path, header, expect)
+                where = [*sd["unit"], int(sd["iteration"])]
+                if header is not None and where != [header.get(k) for k in UNIT_WHERE]:
+                    raise CheckpointError(f"{path}: its header and contents disagree")
+                if tuple(sd["unit"]) != tuple(unit):
+                    raise CheckpointError(f"{path}: holds unit {sd['unit']}, not {list(unit)}")
+            except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+                aside = path.with_name(path.name + ".rejected")
+                os.replace(path, aside)
+                print(f"{exc}; set aside as {aside}: that unit is trained again from the start",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            return sd
+        return None
 
 
 def unit_key(row: dict) -> tuple:

@@ -10,6 +10,7 @@ module drives them. The run directory's files are described in ``rundir``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..pruning.rewind import Snapshot, snapshot
 from .controls import CONTROLS, REGISTRY, random_masks
 from .data import load_dataset
 from .estimate import unit_iterations
+from .executors import PresetSpec, UnitError
 from .models import init_weights
 from .presets import RunConfig
 from .progress import Progress
@@ -49,8 +51,8 @@ from .training import (
 __all__ = [
     "CONTROLS", "Experiment", "Level", "RunDir", "atomic_torch_save", "atomic_write_bytes",
     "default_out_dir", "evaluate", "load_checkpoint", "load_dataset", "lr_at", "make_optimizer",
-    "make_pruner", "pruner_recipe", "random_masks", "read_jsonl", "seed_for", "unit_key",
-    "weights_remaining",
+    "make_pruner", "pruner_recipe", "random_masks", "read_jsonl", "seed_for", "train_unit",
+    "unit_key", "weights_remaining",
 ]  # fmt: skip
 
 
@@ -69,14 +71,28 @@ def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
 
 class Experiment:
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, data_dir=None, progress=True,
-                 log: Callable[[str], None] = print, task=None, adopt=False):  # fmt: skip
+                 log: Callable[[str], None] = print, task=None, adopt=False, workers: int = 1,
+                 executor: str = "local", ray_address: str | None = None,
+                 unit_cpus: float = 1.0, unit_gpus: float = 0.0,
+                 retries: int | None = None):  # fmt: skip
         """`task`: a user's ``task.UserTask`` (``TicketSearch``); default: the preset's, with
         its data set loaded from `data_dir`. `adopt`: take results found without a
-        config.json as this configuration's (``RunDir.open``)."""
+        config.json as this configuration's (``RunDir.open``). `workers` > 1: that many
+        local worker processes; `executor="ray"`: Ray tasks (`ray_address`, each unit asking
+        for `unit_cpus`/`unit_gpus`). `retries`: how often a failing unit is run again
+        (default 2 with workers or Ray, 0 in this process)."""
+        if executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         self.cfg, self.data_dir, self.progress, self.log = cfg, data_dir, progress, log
         self.adopt = adopt
         self.run_dir = RunDir(out_dir)
         self.task = task
+        self.workers, self.executor = workers, executor
+        self.ray_address, self.unit_cpus, self.unit_gpus = ray_address, unit_cpus, unit_gpus
+        parallel = workers > 1 or executor == "ray"
+        self.retries = (2 if parallel else 0) if retries is None else int(retries)
 
     def _model(self) -> nn.Module:
         return self.task.build_model().to(self.device)
@@ -86,59 +102,151 @@ class Experiment:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
+        task_spec = self.task
         if self.task is None:
             # data first: a wrong --data-dir must not leave a run directory behind
             data = load_dataset(cfg.dataset, self.data_dir, val_size=cfg.val_size, seed=cfg.seed)
             self.data = data.to(self.device)
             self.task = PresetTask(cfg, self.data)
+            task_spec = PresetSpec(cfg, data)  # what workers get: CPU tensors
             self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
                                     "num_classes": int(data.num_classes)},
                               adopt=self.adopt)  # fmt: skip
         else:
             self.run_dir.open(cfg, adopt=self.adopt)
         done = self.run_dir.done()
+        self.run_dir.drop_stale_units(done)  # a kill between a row and its checkpoint's removal
         units = [tuple(u) for u in schedule_units(cfg)]
         todo = [u for u in units if u not in done]
         if not todo:
-            self.run_dir.unit_path.unlink(missing_ok=True)  # a kill after the last result
+            self.run_dir.legacy_unit_path.unlink(missing_ok=True)
             self.log(f"{self.run_dir.path}: all {len(units)} levels already done")
             return self.run_dir.path
-        resume = self.run_dir.load_unit()  # a damaged or foreign one is set aside, and said so
-        if resume is not None and tuple(resume["unit"]) != todo[0]:
-            resume = None  # a finished unit's, left by a kill before it was removed
-        if len(todo) < len(units) or resume is not None:
-            self.log(self._resume_line(len(units) - len(todo), len(units), todo[0], resume))
+        resumes = {u: sd for u in todo if (sd := self.run_dir.load_unit(u)) is not None}
+        if len(todo) < len(units) or resumes:
+            self.log(self._resume_line(len(units) - len(todo), len(units), todo[0], resumes))
         left = [unit_iterations(cfg, Unit(*u)) for u in todo]
-        if resume is not None:
-            left[0] = cfg.iterations - int(resume["iteration"])
+        for i, u in enumerate(todo):
+            if u in resumes:
+                left[i] = cfg.iterations - int(resumes[u]["iteration"])
+        where = self._where()
         self.log(f"plan: {len(todo)} of {len(units)} units to train, {cfg.iterations:,} "
                  f"iterations each (evaluated every {cfg.eval_every}): {sum(left):,} "
-                 "iterations; an estimate follows the first evaluation")  # fmt: skip
+                 f"iterations{where}; an estimate follows the first "
+                 f"{'evaluation' if not where else 'unit'}")  # fmt: skip
         bar = Progress(left, len(units), log=self.log, enabled=self.progress)
+        executor = self._executor(task_spec, bar)
         try:
-            for trial in range(cfg.trials):
-                trial_units = [u for u in todo if u[0] == trial]
-                if trial_units:
-                    self._run_trial(trial, trial_units, bar)
+            self._drive(todo, done, resumes, executor, bar)
         finally:
+            executor.shutdown()
             bar.close()
         return self.run_dir.path
 
-    # -- one trial -----------------------------------------------------------------------------
+    def _where(self) -> str:
+        if self.executor == "ray":
+            return " as Ray tasks"
+        return f" on {self.workers} worker processes" if self.workers > 1 else ""
 
-    def _resume_line(self, done: int, total: int, nxt: tuple, resume: dict | None) -> str:
+    def _executor(self, task_spec, bar):
+        from . import executors
+
+        if self.executor == "ray":
+            threads = self.cfg.threads or max(1, int(self.unit_cpus))
+            return executors.RayExecutor(task_spec, self.ray_address, self.unit_cpus,
+                                         self.unit_gpus, threads,
+                                         run_id=self.run_dir.hash)  # fmt: skip
+        if self.workers > 1:
+            threads = executors.worker_threads(self.cfg, self.workers)
+            return executors.LocalPool(task_spec, self.workers, threads)
+        return executors.InProcess(self.task, self._handle, progress=bar)
+
+    # -- the driver: submits units whose inputs are ready, writes what comes back ------------
+
+    def _resume_line(self, done: int, total: int, nxt: tuple, resumes: dict) -> str:
         """Where a resumed run picks up: units done, the next unit and its iteration."""
         trial, control, level = nxt
-        where = f" from iteration {int(resume['iteration'])}" if resume is not None else ""
+        where = f" from iteration {int(resumes[nxt]['iteration'])}" if nxt in resumes else ""
+        others = len(resumes) - (nxt in resumes)
+        more = f" ({others} more unit(s) resume from their checkpoints)" if others else ""
         return (f"resuming {self.run_dir.path}: {done} of {total} units done; next: trial "
-                f"{trial}, {control}, level {level}{where}")  # fmt: skip
+                f"{trial}, {control}, level {level}{where}{more}")  # fmt: skip
 
     def _devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 
-    def _run_trial(self, trial: int, todo: list[tuple], bar) -> None:
-        cfg = self.cfg
-        run_dir = self.run_dir
+    def _drive(self, todo: list[tuple], done: dict, resumes: dict, executor, bar) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from .schedule import needs
+
+        finished = set(done)
+        pending = list(todo)  # in serial order: the in-process executor keeps it
+        running: dict = {}  # future -> (unit, attempt)
+        attempts: dict[tuple, int] = {}
+        self._trials: dict[int, dict] = {}
+        self._done = finished
+        try:
+            order = {u: i for i, u in enumerate(todo)}
+            while pending or running:
+                # in parallel, tickets first: they are the critical path (rounds + 1 long)
+                ready = pending if executor.capacity == 1 else sorted(
+                    pending, key=lambda u: (u[1] != "ticket", order[u]))  # fmt: skip
+                for u in list(ready):
+                    if len(running) >= executor.capacity:
+                        break
+                    if all(tuple(n) in finished for n in needs(Unit(*u))):
+                        pending.remove(u)
+                        bar.start_unit(self._name(u), self._first(u, resumes),
+                                       self.cfg.iterations)  # fmt: skip
+                        running[executor.submit(self._job(u, resumes.pop(u, None)))] = u
+                bar.status(len(running), len(pending))
+                finished_now, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                for message in executor.messages():
+                    self._handle(message)
+                for fut in finished_now:
+                    u = running.pop(fut)
+                    exc = fut.exception()
+                    if exc is None:
+                        self._finish(fut.result(), bar, parallel=executor.capacity > 1)
+                        finished.add(u)
+                        continue
+                    attempts[u] = attempts.get(u, 0) + 1
+                    if attempts[u] > self.retries:
+                        raise exc if self.retries == 0 else UnitError(
+                            f"trial {u[0]} {u[1]} level {u[2]} failed {attempts[u]} times; "
+                            f"the search stops (finished units are kept). Last error: {exc}"
+                        ) from exc  # fmt: skip
+                    why = (str(exc).splitlines() or [type(exc).__name__])[0]
+                    print(f"trial {u[0]} {u[1]} level {u[2]} failed ({why}); retrying "
+                          f"({attempts[u]} of {self.retries})", file=sys.stderr)  # fmt: skip
+                    pending.insert(0, u)
+                    resumes_u = self.run_dir.load_unit(u)
+                    if resumes_u is not None:
+                        resumes[u] = resumes_u
+        except BaseException:
+            # stop: what already finished is written; units still running keep their last
+            # checkpoint and resume from it
+            for fut in running:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._finish(fut.result(), bar, parallel=True)
+            executor.shutdown(abort=True)
+            raise
+
+    def _name(self, u: tuple) -> str:
+        return f"trial {u[0]} {u[1]} L{u[2]}"
+
+    def _first(self, u: tuple, resumes: dict) -> int:
+        if u in resumes:
+            return int(resumes[u]["iteration"])
+        return self.cfg.iterations - unit_iterations(self.cfg, Unit(*u))
+
+    def _trial(self, trial: int) -> dict:
+        """θ0 and θk of `trial` (θ0 drawn here under the trial's seed when not yet saved) and
+        a model instance for the level-0 masks."""
+        if trial in self._trials:
+            return self._trials[trial]
+        cfg, run_dir = self.cfg, self.run_dir
         own = isinstance(self.task, UserTask)
         if own:  # θ0 is what the user's factory draws, under the trial's seed
             with torch.random.fork_rng(devices=self._devices()):
@@ -146,7 +254,6 @@ class Experiment:
                 model = self._model()
         else:
             model = self._model()
-        pruner = make_pruner(cfg, model)
         saved = run_dir.load_theta(trial)
         if saved is not None:
             theta0 = Snapshot.from_state_dict(saved["theta0"])
@@ -159,57 +266,65 @@ class Experiment:
             theta0, theta_k = snapshot(model), None
             if cfg.rewind_iteration == 0:
                 run_dir.save_theta(trial, theta0.state_dict(), None)
-        late_units = [u for u in todo if u[2] > 0 and REGISTRY[u[1]].late_rewind]
-        if (
-            cfg.rewind_iteration > 0
-            and theta_k is None
-            and late_units
-            and ((trial, "ticket", 0) not in todo)
-        ):  # θk was captured with the level-0 ticket, which is done: never rewind to θ0 instead
+        state = {"theta0": theta0, "theta_k": theta_k, "targets": make_pruner(cfg, model).targets}
+        self._trials[trial] = state
+        return state
+
+    def _job(self, u: tuple, resume: dict | None) -> dict:
+        """A unit's inputs: everything a worker needs, nothing it must read from disk."""
+        cfg, run_dir = self.cfg, self.run_dir
+        trial, control, level = u
+        state = self._trial(trial)
+        late = REGISTRY[control].late_rewind and level > 0 and cfg.rewind_iteration > 0
+        if late and state["theta_k"] is None:
+            # θk is captured with the level-0 ticket, which is done: never rewind to θ0 instead
             raise ValueError(
                 f"{run_dir.theta_path(trial)}: θk (iteration {cfg.rewind_iteration}) of trial "
                 f"{trial} is missing, and the remaining levels rewind to it; restore the file, "
                 "or start a new run with another --out (it cannot be silently replaced by θ0)"
             )
-        for trial_, control, level in todo:
-            assert trial_ == trial
-            if level == 0:
-                masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in pruner.targets.items()}
-            else:
-                masks = {n: m.to(self.device) for n, m in run_dir.load_masks(trial, level).items()}
-            masks = REGISTRY[control].masks(cfg, masks, trial, level)
-            # tickets and random masks of later levels rewind to θk; the dense level starts at θ0
-            late = theta_k is not None and REGISTRY[control].late_rewind and level > 0
-            start = theta_k if late else theta0
-            capture_k = control == "ticket" and level == 0 and cfg.rewind_iteration > 0
-            self._train_unit(trial, control, level, model, pruner, masks, start, theta0,
-                             capture_k, bar)  # fmt: skip
-            if capture_k:
-                theta_k = Snapshot.from_state_dict(run_dir.load_theta(trial)["theta_k"])
+        if level == 0:
+            masks = {n: torch.ones_like(p, dtype=torch.bool, device="cpu")
+                     for n, p in state["targets"].items()}  # fmt: skip
+        else:
+            masks = run_dir.load_masks(trial, level)
+        masks = REGISTRY[control].masks(cfg, masks, trial, level)
+        return {
+            "cfg": cfg, "unit": u, "masks": {n: m.cpu() for n, m in masks.items()},
+            "theta0": state["theta0"].state_dict(),
+            "theta_k": state["theta_k"].state_dict() if late else None, "late": late,
+            "capture_k": control == "ticket" and level == 0 and cfg.rewind_iteration > 0,
+            "resume": resume,
+        }  # fmt: skip
 
-    def _train_unit(self, trial, control, level, model, pruner, masks, start, theta0, capture_k,
-                    bar) -> None:  # fmt: skip
-        """Train one unit (``training.train_unit``, which knows no files) and write what it
-        returns: the row and curve, the next level's masks, checkpoints and θk on the way."""
+    def _handle(self, message: tuple) -> None:
+        """What a worker sends while it trains: a mid-unit checkpoint, or θk."""
+        if message[0] == "checkpoint":
+            sd = message[1]
+            if tuple(sd["unit"]) not in self._done:  # one that arrives late is stale
+                self.run_dir.save_unit(sd)
+        elif message[0] == "theta_k":
+            self._save_theta_k(message[1], message[2])
+
+    def _save_theta_k(self, trial: int, theta_k: dict) -> None:
+        state = self._trial(trial)
+        self.run_dir.save_theta(trial, state["theta0"].state_dict(), theta_k)
+        state["theta_k"] = Snapshot.from_state_dict(theta_k)
+
+    def _finish(self, out: dict, bar, parallel: bool) -> None:
+        """Write what a unit returned: the next level's masks, θk, its row and curve."""
         cfg, run_dir = self.cfg, self.run_dir
-        resume = run_dir.load_unit()
-        if resume is not None and resume["unit"] != [trial, control, level]:
-            resume = None  # a finished unit's, left by a kill before it was removed
-        unit = Unit(trial, control, level)
-        first = int(resume["iteration"]) if resume else cfg.iterations - unit_iterations(cfg, unit)
-        bar.start_unit(f"trial {trial} {control} L{level}", first, cfg.iterations)
-        out = train_unit(
-            cfg, self.task, unit, model, pruner, masks, start, theta0,
-            resume=resume, checkpoint=run_dir.save_unit,
-            on_theta_k=(lambda snap: run_dir.save_theta(trial, theta0.state_dict(),
-                                                        snap.state_dict()))
-            if capture_k else None, progress=bar,
-        )  # fmt: skip
-        result, curve = out.result, out.curve
-        if out.next_masks is not None and level < cfg.rounds:
-            run_dir.save_masks(trial, level + 1, out.next_masks)
+        trial, control, level = u = tuple(out["unit"])
+        if out["theta_k"] is not None:
+            self._save_theta_k(trial, out["theta_k"])
+        if out["next_masks"] is not None and level < cfg.rounds:
+            run_dir.save_masks(trial, level + 1, out["next_masks"])
+        result, curve = out["result"], out["curve"]
         run_dir.append(result, curve)
-        run_dir.unit_path.unlink(missing_ok=True)
+        self._done.add(u)
+        run_dir.drop_unit(u)
+        if parallel:
+            bar.update(unit_iterations(cfg, Unit(*u)))
         if "test_accuracy_at_early_stop" in result:
             figure = f"test acc {100 * result['test_accuracy_at_early_stop']:.2f}%"
         else:  # a user's own metric
