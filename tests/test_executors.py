@@ -103,12 +103,18 @@ def adam(params):
 def flaky_step(model, batch, optimizer):
     """The training step, failing where FLAKY says: "once": at the start of each pruned unit
     on its first attempt (marker files in FLAKY_DIR, keyed by the unit's starting weights,
-    so a retry in any process passes); "always": at the start of every pruned unit."""
+    so a retry in any process passes); "crash": the worker process dies, once in the run;
+    "always": at the start of every pruned unit."""
     first = model[0].weight.detach()
     if (first == 0).any() and not optimizer.state:  # a pruned unit's first step
         key = hashlib.sha1(first.numpy().tobytes()).hexdigest()
         mark = Path(os.environ["FLAKY_DIR"]) / key
-        if os.environ["FLAKY"] == "always" or not mark.exists():
+        if os.environ["FLAKY"] == "crash":
+            mark = mark.with_name("crashed")  # once in the whole run
+            if not mark.exists():
+                mark.touch()
+                os._exit(1)  # the worker process dies, and with it the pool
+        elif os.environ["FLAKY"] == "always" or not mark.exists():
             mark.touch()
             raise RuntimeError("injected failure")
     x, y = batch
@@ -154,6 +160,16 @@ def test_a_unit_that_keeps_failing_stops_and_keeps_what_finished(tmp_path, monke
     with pytest.raises(UnitError, match="level 1 failed 2 times.*injected failure"):
         _search(out, retries=1, workers=workers).run()
     assert [(r["control"], r["level"]) for r in _rows(out)] == [("ticket", 0)]
+
+
+def test_a_dead_worker_process_is_replaced_and_its_units_retried(tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    _search(ref, step=plain_step).run()
+    monkeypatch.setenv("FLAKY_DIR", str(tmp_path))
+    monkeypatch.setenv("FLAKY", "crash")
+    out = tmp_path / "run"
+    _search(out, workers=2).run()  # the default retries
+    assert (tmp_path / "crashed").exists() and _rows(out) == _rows(ref)
 
 
 def test_bad_scale_options_are_one_line(tmp_path, capsys):

@@ -15,6 +15,7 @@ import pickle
 import queue as queue_mod
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,15 +182,23 @@ class LocalPool:
     def __init__(self, task_spec, workers: int, threads: int):
         import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
+        self.ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
         self.capacity = workers
-        self.queue = ctx.Queue()
-        blob = _pickled(task_spec)
-        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_local_init,
-                                        initargs=("task", blob, self.queue, threads))  # fmt: skip
+        self.queue = self.ctx.Queue()
+        self.initargs = ("task", _pickled(task_spec), self.queue, threads)
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.capacity, mp_context=self.ctx, initializer=_local_init,
+                                   initargs=self.initargs)  # fmt: skip
 
     def submit(self, job: dict) -> Future:
-        return _unpacked(self.pool.submit(_local_entry, "task", pack(job)))
+        try:
+            return _unpacked(self.pool.submit(_local_entry, "task", pack(job)))
+        except BrokenProcessPool:  # a worker died (killed, out of memory): a fresh pool
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            return _unpacked(self.pool.submit(_local_entry, "task", pack(job)))
 
     def messages(self) -> list:
         out = []
