@@ -9,6 +9,7 @@ what was expected. ``TypeError`` for a wrong kind of thing (dtype, sparse, compl
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 
 import torch
@@ -52,11 +53,28 @@ def dtype_code(t: torch.Tensor, name: str) -> int:
     return code
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor (FSDP2 / tensor-parallel shard). Cheap: none can exist before
+    torch.distributed.tensor is imported, so it is not imported here; plain tensors and
+    Parameters are answered first (isinstance on DTensor's metaclass costs ~0.5 us)."""
+    cls = type(t)
+    if cls is torch.Tensor or cls is torch.nn.Parameter:
+        return False
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 def param(p: torch.Tensor, name: str, dense: bool = True) -> int:
     """A tensor the kernels update in place (with `dense`: walkable as one flat block).
     Returns its dtype code."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
+    if is_dtensor(p):  # a wrapper: its data_ptr() is 0, the kernels would write through it
+        raise TypeError(
+            f"{name}: a DTensor (FSDP2 / tensor-parallel shard) has no memory of its own for "
+            "the kernels; the masked optimizers, MagnitudePruner and the thresholds take "
+            "DTensors (lottery_ext.distributed), other ops take its local shard (.to_local())"
+        )
     if p.layout != torch.strided:
         raise TypeError(f"{name}: only dense (strided) tensors are supported, got {p.layout}")
     code = dtype_code(p, name)
@@ -113,6 +131,33 @@ def mask(m: object, p: torch.Tensor, name: str) -> None:
         )
     if m.device != p.device:
         raise ValueError(f"mask for {name}: on {m.device} but the parameter is on {p.device}")
+    if is_dtensor(m) or is_dtensor(p):  # sharded (FSDP2): a DTensor mask must match exactly
+        if is_dtensor(m) and not is_dtensor(p):
+            raise TypeError(f"mask for {name}: a DTensor, but the parameter is a plain tensor")
+        if is_dtensor(m) and (m.device_mesh != p.device_mesh or m.placements != p.placements):
+            raise ValueError(
+                f"mask for {name}: sharded {tuple(m.placements)} but the parameter is sharded "
+                f"{tuple(p.placements)} (or on another mesh); shard it like the parameter"
+            )
+
+
+def batch_shard(batch_size: object, shard: object) -> tuple[int, int]:
+    """A rank's part of every global batch: ``shard = (rank, world)`` with 0 <= rank < world
+    and a batch size the world divides. Returns (rank, world)."""
+    if not (isinstance(shard, (tuple, list)) and len(shard) == 2):
+        raise TypeError(f"shard must be a (rank, world_size) pair, got {shard!r}")
+    rank = integer(shard[0], "shard rank", 0, 2**31)
+    world = integer(shard[1], "shard world_size", 1, 2**31)
+    if rank >= world:
+        raise ValueError(f"shard rank {rank} is out of range for world_size {world}")
+    integer(batch_size, "batch_size", 1, 2**62)
+    if batch_size % world:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the world size {world}: every rank "
+            f"trains on batch_size / {world} rows of each global batch; choose a multiple of "
+            f"{world} (e.g. {batch_size - batch_size % world or world})"
+        )
+    return rank, world
 
 
 def finite(**hparams: float) -> None:

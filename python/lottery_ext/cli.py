@@ -74,9 +74,15 @@ def _cmd_find(args: argparse.Namespace) -> int:
         if args.dry_run:
             return _dry_run(cfg, args.data_dir, task)
         out = Path(args.out) if args.out else default_out_dir(cfg)
+        scale = _scale_options(args)
+        writer = _start_distributed(cfg, scale)  # torchrun: one unit across the ranks
+        if not writer:  # the other ranks train the same units and say nothing
+            Experiment(cfg, out, data_dir=args.data_dir, progress=False, log=lambda _: None,
+                       task=task, **scale).run()  # fmt: skip
+            return 0
         print(f"run directory: {out}")
         Experiment(cfg, out, data_dir=args.data_dir, progress=not args.no_progress,
-                   task=task, adopt=args.adopt, **_scale_options(args)).run()  # fmt: skip
+                   task=task, adopt=args.adopt, **scale).run()  # fmt: skip
     except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,8 +101,42 @@ def _cmd_find(args: argparse.Namespace) -> int:
         return 130
     print(report(out, make_plots=not args.no_plots))
     print(f"\nresults: {out}/results.jsonl, summary: {out}/summary.csv"
-          + ("" if args.no_plots else f", plots: {out}/accuracy.png"))  # fmt: skip
+          + ("" if args.no_plots else f", plots: {out}/{{accuracy,early_stop,"
+                                            "end_of_training,curves}.png"))  # fmt: skip
     return 0
+
+
+def _start_distributed(cfg, scale: dict) -> bool:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo on
+    CPU) so that each unit trains on all ranks with DDP; check what DDP needs first. Returns
+    whether this process writes (rank 0, or the only process)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return True
+    import atexit
+
+    import torch.distributed as dist
+
+    from . import distributed as D
+
+    if scale["workers"] > 1 or scale["executor"] == "ray":
+        raise ValueError("under torchrun each unit trains on all ranks (DDP): --workers and "
+                         "--executor ray run whole units in parallel instead; use one or the "
+                         "other")  # fmt: skip
+    rank = int(os.environ.get("RANK", "0"))
+    D.shard_rows(cfg.batch_size, (rank, world))  # a batch size the ranks cannot split
+    scale["retries"] = 0  # a retry on one rank alone would hang the others
+    if not dist.is_initialized():
+        cuda = str(cfg.device).startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return D.is_writer()
 
 
 def _scale_options(args: argparse.Namespace) -> dict:

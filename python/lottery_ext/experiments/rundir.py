@@ -161,6 +161,10 @@ class RunDir:
         self.curves = self.path / "curves.jsonl"
         self.legacy_unit_path = self.state / "unit.pt"  # before per-unit files
         self.hash: str | None = None  # set by open()
+        # torch.distributed: rank 0 writes, the other ranks read what it wrote
+        from .. import distributed as D
+
+        self.writer = D.is_writer()
 
     def open(self, cfg: RunConfig, data: dict | None = None, adopt: bool = False) -> None:
         """Create the directory, or check that it holds a run of the same configuration.
@@ -168,6 +172,8 @@ class RunDir:
         exported ticket can rebuild its model. `adopt`: results without a config.json are
         taken as this configuration's (their rows' config hash must agree)."""
         self.hash = config_hash(cfg)
+        if not self.writer:  # torchrun: rank 0 opened and checked it (runner._open)
+            return
         cfg_path = self.path / "config.json"
         orphaned = (
             not cfg_path.exists() and self.results.exists() and self.results.stat().st_size > 0
@@ -288,6 +294,8 @@ class RunDir:
         return {unit_key(r): r for r in read_jsonl(self.results)}
 
     def append(self, result: dict, curve: dict) -> None:
+        if not self.writer:
+            return
         for path, row in ((self.curves, curve), (self.results, result)):
             with open(path, "a") as f:
                 f.write(json.dumps(dict(row, config_hash=self.hash)) + "\n")
@@ -314,6 +322,8 @@ class RunDir:
         return self.state / f"trial{trial}_masks{level}.pt"
 
     def save_theta(self, trial: int, theta0: dict, theta_k: dict | None) -> None:
+        if not self.writer:
+            return
         save_checkpoint({"theta0": theta0, "theta_k": theta_k}, self.theta_path(trial),
                         self._identity("theta", trial=trial))  # fmt: skip
 
@@ -325,6 +335,8 @@ class RunDir:
         return self._needed(path, self._identity("theta", trial=trial))
 
     def save_masks(self, trial: int, level: int, masks: dict) -> None:
+        if not self.writer:
+            return
         save_checkpoint({n: m.cpu() for n, m in masks.items()}, self.masks_path(trial, level),
                         self._identity("masks", trial=trial, level=level))  # fmt: skip
 
@@ -347,12 +359,16 @@ class RunDir:
         return self.state / f"unit_t{trial}_{control}_L{level}.pt"
 
     def save_unit(self, sd: dict) -> None:
+        if not self.writer:
+            return
         trial, control, level = sd["unit"]
         where = dict(trial=trial, control=control, level=level, iteration=int(sd["iteration"]))
         save_checkpoint(sd, self.unit_path(sd["unit"]), self._identity("unit", **where))
 
     def drop_unit(self, unit) -> None:
         """A finished unit's checkpoint is no longer needed."""
+        if not self.writer:
+            return
         self.unit_path(unit).unlink(missing_ok=True)
         legacy = self.legacy_unit_path
         if legacy.exists():
@@ -364,6 +380,8 @@ class RunDir:
 
     def drop_stale_units(self, done) -> None:
         """Checkpoints of units whose row landed (a kill between the two): removed."""
+        if not self.writer:
+            return
         for path in self.state.glob("unit_t*_L*.pt"):
             if any(path == self.unit_path(u) for u in done):
                 path.unlink()
@@ -390,6 +408,8 @@ class RunDir:
                 if tuple(sd["unit"]) != tuple(unit):
                     raise CheckpointError(f"{path}: holds unit {sd['unit']}, not {list(unit)}")
             except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+                if not self.writer:  # rank 0 sets it aside and says so
+                    continue
                 aside = path.with_name(path.name + ".rejected")
                 os.replace(path, aside)
                 print(f"{exc}; set aside as {aside}: that unit is trained again from the start",

@@ -109,11 +109,10 @@ class Experiment:
             self.data = data.to(self.device)
             self.task = PresetTask(cfg, self.data)
             task_spec = PresetSpec(cfg, data)  # what workers get: CPU tensors
-            self.run_dir.open(cfg, {"input_shape": list(data.input_shape),
-                                    "num_classes": int(data.num_classes)},
-                              adopt=self.adopt)  # fmt: skip
+            self._open({"input_shape": list(data.input_shape),
+                        "num_classes": int(data.num_classes)})  # fmt: skip
         else:
-            self.run_dir.open(cfg, adopt=self.adopt)
+            self._open(None)
         done = self.run_dir.done()
         self.run_dir.drop_stale_units(done)  # a kill between a row and its checkpoint's removal
         units = [tuple(u) for u in schedule_units(cfg)]
@@ -142,6 +141,26 @@ class Experiment:
             executor.shutdown()
             bar.close()
         return self.run_dir.path
+
+    def _open(self, data: dict | None) -> None:
+        """Open the run directory; under torchrun rank 0 opens (and checks) it, and every
+        rank raises its error, if any, instead of waiting for a rank that failed."""
+        from .. import distributed as D
+
+        error = None
+        if self.run_dir.writer:
+            try:
+                self.run_dir.open(self.cfg, data, adopt=self.adopt)
+            except ValueError as exc:
+                error = str(exc)
+        if D.world_size() > 1:
+            shared = [error]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            error = shared[0]
+            if not self.run_dir.writer and error is None:
+                self.run_dir.open(self.cfg, data, adopt=self.adopt)
+        if error is not None:
+            raise ValueError(error)
 
     def _where(self) -> str:
         if self.executor == "ray":
@@ -323,6 +342,9 @@ class Experiment:
         run_dir.append(result, curve)
         self._done.add(u)
         run_dir.drop_unit(u)
+        from .. import distributed as D
+
+        D.barrier()  # torchrun: the other ranks read the masks and θk rank 0 just wrote
         if parallel:
             bar.update(unit_iterations(cfg, Unit(*u)))
         if "test_accuracy_at_early_stop" in result:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from .. import MaskedAdam, MaskedAdamW, MaskedSGD
+from .. import distributed as D
+from ..distributed import shard_batch, shard_rows, unwrap
 from .data import Batches, Dataset
 from .presets import RunConfig
 from .rundir import atomic_torch_save
@@ -65,7 +67,13 @@ class Level:
     """Trains `model` (already initialised and masked) for cfg.iterations, evaluating every
     cfg.eval_every iterations; checkpoints to `ckpt_path` every cfg.checkpoint_every.
     `task` (a ``task.PresetTask`` or ``task.UserTask``; a preset's ``Dataset`` is wrapped)
-    supplies the batches, the training step, the schedule and the metrics."""
+    supplies the batches, the training step, the schedule and the metrics.
+
+    ``shard=(rank, world)`` (DDP, `model` wrapped with ``distributed.ddp_wrap``): this rank
+    trains on rows ``[rank * b / world, (rank + 1) * b / world)`` of every global batch of
+    ``b = cfg.batch_size`` rows, drawn (and augmented) exactly as a single process draws
+    them, so the ranks together see a single-process run's batches. Evaluation and saved
+    state use the unwrapped model (checkpoints read the same with and without DDP)."""
 
     def __init__(
         self,
@@ -78,6 +86,7 @@ class Level:
         start_iteration: int = 0,
         on_iteration: Callable[[int], None] | None = None,
         scheduler=None,
+        shard: tuple[int, int] | None = None,
     ):
         from .task import PresetTask
 
@@ -93,13 +102,15 @@ class Level:
         self.batches = Batches(task.n_train, cfg.batch_size, seed)
         self.aug_gen = torch.Generator().manual_seed(seed + 1)
         self.on_iteration = on_iteration
+        # DDP: this rank's rows of each global batch (None: the whole batch, one process)
+        self.rows = None if shard is None else shard_rows(cfg.batch_size, shard)
         torch.manual_seed(seed + 2)  # dropout draws from the global generator
 
     def state_dict(self) -> dict:
         sd = {
             "unit": [self.unit["trial"], self.unit["control"], self.unit["level"]],
             "iteration": self.it,
-            "model": self.model.state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "optimizer": self.opt.state_dict(),
             "batches": self.batches.state_dict(),
             "aug_gen": self.aug_gen.get_state(),
@@ -113,7 +124,7 @@ class Level:
 
     def load_state_dict(self, sd: dict) -> None:
         self.it = int(sd["iteration"])
-        self.model.load_state_dict(sd["model"])
+        unwrap(self.model).load_state_dict(sd["model"])
         self.opt.load_state_dict(sd["optimizer"])
         self.batches.load_state_dict(sd["batches"])
         self.aug_gen.set_state(sd["aug_gen"])
@@ -124,7 +135,7 @@ class Level:
             self.scheduler.load_state_dict(sd["scheduler"])
 
     def evaluate_now(self) -> None:
-        self.history.append(dict(iteration=self.it, **self.task.evaluate(self.model)))
+        self.history.append(dict(iteration=self.it, **self.task.evaluate(unwrap(self.model))))
 
     def run(self, progress=None) -> None:
         cfg, task, model, opt = self.cfg, self.task, self.model, self.opt
@@ -133,6 +144,8 @@ class Level:
         while self.it < cfg.iterations:
             task.set_lr(opt, self.it)
             batch = task.batch(self.batches.next(), self.aug_gen)
+            if self.rows is not None:  # DDP: this rank's rows of the global batch
+                batch = shard_batch(batch, self.rows, cfg.batch_size)
             task.train_step(model, batch, opt)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -162,7 +175,7 @@ class Level:
         key, sign = task.early_stop_on, (1 if task.lower_is_better else -1)
         finite = [h for h in self.history if not math.isnan(h[key])]
         best = min(finite, key=lambda h: sign * h[key]) if finite else self.history[-1]
-        train_acc = task.train_accuracy(self.model)
+        train_acc = task.train_accuracy(unwrap(self.model))
         final = self.history[-1]
         result = dict(**self.unit, weights_remaining=weights_left,
                       early_stop_iteration=best["iteration"])  # fmt: skip
@@ -257,8 +270,13 @@ def train_unit(
         if on_theta_k is not None and it == cfg.rewind_iteration:
             on_theta_k(snapshot(model, iteration=it))
 
-    lvl = Level(cfg, task, model, opt, {"trial": trial, "control": control, "level": level},
-                checkpoint, start_it, on_iteration=capture, scheduler=sched)  # fmt: skip
+    trained, shard = model, None
+    if D.world_size() > 1:  # DDP (torchrun): every rank trains its rows of each global batch
+        D.check_same_masks(masks)  # the same masks on every rank, or a loud error
+        trained, shard = D.ddp_wrap(model), (D.rank(), D.world_size())
+    lvl = Level(cfg, task, trained, opt, {"trial": trial, "control": control, "level": level},
+                checkpoint, start_it, on_iteration=capture, scheduler=sched,
+                shard=shard)  # fmt: skip
     if resume is not None:
         lvl.load_state_dict(resume)
     lvl.run(progress)
@@ -267,5 +285,7 @@ def train_unit(
     if control == "ticket":
         # Prune now: the next level's masks, and how far kept vs to-be-pruned weights moved.
         next_masks = pruner.compute_masks(masks)  # pure: the pruner is not changed
+        if shard is not None:
+            D.broadcast_masks(next_masks)  # rank 0's, whatever rounding did elsewhere
         result.update(movement(model, theta0, masks, next_masks))
     return UnitOutput(result, curve, next_masks)

@@ -3,6 +3,10 @@ per-step gathering of tensors into one fused native call per (device, dtype).
 
 Masks live beside the optimizer state (not in ``self.state``: torch would cast them to the
 parameter's dtype on load) and are saved under the extra ``"masks"`` key of ``state_dict()``.
+
+DTensor parameters (FSDP2) step on their local shards: their masks and state buffers are
+DTensors sharded alike, and every per-element op is the same on the shards as on the whole
+tensor (``lottery_ext.distributed`` says why this and not a DTensor sharding strategy).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from .. import _ops, _reference, _validate
+from .._validate import is_dtensor
 
 Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -93,6 +98,10 @@ class MaskedOptimizer:
         touching the parameter (for callers that zero it themselves, like rewind). Reuses the
         previous copy's memory: no allocation (and no page faults) when masks are re-set."""
         _validate.mask(mask, param, name or self._name(param))
+        if is_dtensor(param) and not is_dtensor(mask):  # a whole mask: keep this rank's rows
+            from ..distributed import shard_like
+
+            mask = shard_like(mask, param)
         stored = self._masks.get(param)
         if stored is mask:
             return stored
@@ -238,7 +247,9 @@ class MaskedOptimizer:
         and make each parameter's next step a first step, without re-allocating anything."""
         for p, m in masks.items():
             self._store_mask(p, m)
-        buffers = [b for p in params for b in self._buffers_of(p)] if zero_buffers else []
+        buffers = (
+            [local_shard(b) for p in params for b in self._buffers_of(p)] if zero_buffers else []
+        )
         steps = [st["step"] for _, st in self._param_states() if "step" in st]
         if buffers or steps:
             torch._foreach_zero_(buffers + steps)
@@ -272,7 +283,11 @@ class MaskedOptimizer:
         the parameter's order by logical index: the gradient by a copy, state buffers and
         the mask once, in place of the old ones (after ``model.to(memory_format=...)``).
         A parameter that is not one block of memory (a sliced view) steps on the reference
-        path (``native`` False), which indexes logically as torch.optim does."""
+        path (``native`` False), which indexes logically as torch.optim does.
+        A DTensor parameter (FSDP2) gets its local shards (``_shard_inputs``); the caller
+        steps ``local_shard(p)``."""
+        if is_dtensor(p):
+            return self._shard_inputs(p, g, state, keys)
         mask = self._masks.get(p)
         try:
             bufs = [state[k] for k in keys]
@@ -311,11 +326,60 @@ class MaskedOptimizer:
             mask = self._masks[p] = _validate.in_layout_of(mask, p)
         return g, bufs, mask, True
 
+    def _shard_inputs(
+        self, p: Tensor, g: Tensor, state: dict, keys: tuple[str, ...]
+    ) -> tuple[Tensor, list[Tensor], Tensor | None, bool]:
+        """``_kernel_inputs`` for a DTensor parameter: the gradient, buffers and mask must be
+        DTensors sharded exactly like it (then the elementwise update of the local shards is
+        the update of the whole tensor); returns their local shards."""
+        mask = self._masks.get(p)
+        try:
+            bufs = [state[k] for k in keys]
+        except KeyError as e:
+            raise ValueError(f"optimizer state of {self._name(p)} has no {e}") from None
+        mesh, placements, shape = p.device_mesh, p.placements, p.shape
+        for what, t in (("gradient", g), ("mask", mask), *zip(keys, bufs)):
+            if t is None or (
+                is_dtensor(t) and (t.device_mesh is mesh or t.device_mesh == mesh)
+                and t.placements == placements and t.shape == shape
+            ):  # fmt: skip
+                continue
+            placed = tuple(t.placements) if is_dtensor(t) else "a plain tensor"
+            raise ValueError(
+                f"{what if what in ('gradient', 'mask') else f'state {what!r}'} of "
+                f"{self._name(p)}: {placed} of shape {tuple(t.shape)}, but the parameter is a "
+                f"DTensor {tuple(placements)} of shape {tuple(shape)}; both must be sharded alike"
+            )
+        lp, lg = p.to_local(), g.to_local()
+        lbufs = [b.to_local() for b in bufs]
+        lmask = None if mask is None else mask.to_local()
+        every = [lg, *lbufs] + ([lmask] if lmask is not None else [])
+        if lp.is_contiguous() and all(t.is_contiguous() for t in every):  # FSDP2's shards
+            if (
+                lp.dtype in _validate.DTYPE_CODES
+                and all(t.shape == lp.shape and t.device == lp.device for t in every)
+                and all(t.dtype == lp.dtype for t in (lg, *lbufs))
+            ):
+                return lg, lbufs, lmask, True
+        name = f"{self._name(p)} (local shard)"
+        _validate.step_inputs(name, lp, lg, tuple(zip(keys, lbufs)), lmask, layout=False)
+        native = _validate.is_dense(lp) and all(_validate.same_layout(t, lp) for t in every)
+        return lg, lbufs, lmask, native
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """A DTensor's local shard (sharing its memory: the in-place step updates the DTensor);
+    any other tensor itself. What the step loops hand to the kernels."""
+    return t.to_local() if is_dtensor(t) else t
+
 
 def zero_pruned(tensors: list[Tensor], mask: Tensor) -> None:
     """Zero the entries of every tensor where `mask` is False, by logical index: one fused
     native pass over the tensors in the mask's memory order, the reference (masked_fill_)
-    for the rest (a layout changed since the mask was set, a sliced view)."""
+    for the rest (a layout changed since the mask was set, a sliced view). DTensors (sharded
+    alike) are zeroed on their local shards."""
+    if is_dtensor(mask):
+        tensors, mask = [local_shard(t) for t in tensors], local_shard(mask)
     fast, slow = [], []
     for t in tensors:
         (fast if _validate.is_dense(t) and _validate.same_layout(t, mask) else slow).append(t)

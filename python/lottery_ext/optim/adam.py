@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from .. import _ops, _reference, _validate
-from ._masked import MaskedOptimizer, check_constructor, fused_device_check
+from ._masked import MaskedOptimizer, check_constructor, fused_device_check, local_shard
 
 Tensor = torch.Tensor
 # torch < 2.6 has no Adam(decoupled_weight_decay=...): we then keep the flag ourselves.
@@ -75,7 +75,7 @@ class _MaskedAdamBase(MaskedOptimizer):
                 c = calls.get(key)
                 if c is None:
                     c = calls[key] = _AdamLists()
-                c.params.append(p)  # appends inlined: this runs per parameter per step
+                c.params.append(local_shard(p))  # a DTensor (FSDP2) steps on its shard
                 c.grads.append(g)
                 c.exp_avgs.append(bufs[0])
                 c.exp_avg_sqs.append(bufs[1])

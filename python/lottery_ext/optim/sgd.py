@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from .. import _ops, _reference, _validate
-from ._masked import MaskedOptimizer, check_constructor, fused_device_check
+from ._masked import MaskedOptimizer, check_constructor, fused_device_check, local_shard
 
 Tensor = torch.Tensor
 
@@ -81,19 +81,21 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 key = (p.device, p.dtype) if native else None
                 lists = calls.get(key)
                 if lists is None:
-                    lists = calls[key] = ([], [], [], [], [])
+                    lists = calls[key] = ([], [], [], [], [], [])
                 if momentum != 0 and buf is None:
                     new_buffers.append((p, len(lists[2]), lists[2]))
-                lists[0].append(p)
+                lists[0].append(local_shard(p))  # a DTensor (FSDP2) steps on its local shard
+                lists[5].append(p)
                 lists[1].append(g)
                 lists[2].append(buf)
                 lists[3].append(mask)
                 lists[4].append(first)
             for p, i, bufs in new_buffers:
-                bufs[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(
+                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format
                 )
-            for key, (params, grads, bufs, masks, first) in calls.items():
+                bufs[i] = local_shard(buf)
+            for key, (params, grads, bufs, masks, first, stepped) in calls.items():
                 if key is None:
                     _reference.sgd_step_(
                         params, grads, bufs, masks, first, lr=lr, momentum=momentum,
@@ -110,5 +112,5 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                         params, grads, bufs, masks, first, lr, momentum, dampening, wd,
                         group["nesterov"], group["maximize"],
                     )  # fmt: skip
-                self._restart.difference_update(params)
+                self._restart.difference_update(stepped)
         return loss

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .. import _ops, _validate
+from ..distributed import is_dtensor, local, shard_like
 from .threshold import prune_smallest, prune_smallest_each
 
 Tensor = torch.Tensor
@@ -63,6 +64,12 @@ _ROLES = {
 _PLAIN_ROLES = (lambda n: n == "weight", lambda n: n == "bias")
 
 TORCH_PRUNE_HINT = "call lottery_ext.from_torch_prune(model) first"
+
+
+def _count(m: Tensor) -> int:
+    """True entries of a mask; over every shard for a DTensor (FSDP2), whose sum is partial."""
+    s = m.sum()
+    return int(s.full_tensor()) if is_dtensor(s) else int(s)
 
 
 def _check_rate(rate: object, what: str) -> float:
@@ -384,7 +391,7 @@ def random_like(masks: Mapping[str, Tensor], generator: torch.Generator) -> dict
     out = {}
     for name, m in masks.items():
         scores = torch.rand(m.shape, generator=generator)
-        out[name] = prune_smallest(scores, m.numel() - int(m.sum()), names=[name])[0].to(m.device)
+        out[name] = prune_smallest(scores, m.numel() - _count(m), names=[name])[0].to(m.device)
     return out
 
 
@@ -502,7 +509,7 @@ class MagnitudePruner:
 
     def _layer_counts(self, old: Mapping[str, Tensor]) -> dict[str, int]:
         """Layer scope: how many weights each tensor loses this round (exact, compounded)."""
-        return {n: round(self.rates[n] * int(m.sum())) for n, m in old.items()}
+        return {n: round(self.rates[n] * _count(m)) for n, m in old.items()}
 
     def _global_pool(self) -> list[str]:
         return [n for n in self.targets if n not in self._output_names or self.output_in_global]
@@ -525,7 +532,7 @@ class MagnitudePruner:
                 new.update(zip(names, masks))
             return new
         pool = self._global_pool()
-        remaining = sum(int(old[n].sum()) for n in pool)
+        remaining = sum(_count(old[n]) for n in pool)
         tensors = [self.targets[n].detach() for n in pool]
         by_dtype: dict[tuple, list[int]] = {}
         for i, t in enumerate(tensors):
@@ -538,7 +545,7 @@ class MagnitudePruner:
             new.update(zip(pool, out))
         for name in self.targets:
             if name not in new:  # the output layer, at its own rate
-                count = round(self.output_rate * int(old[name].sum()))
+                count = round(self.output_rate * _count(old[name]))
                 new[name] = prune_smallest(self.targets[name].detach(), count, old[name],
                                            names=[name])[0]  # fmt: skip
         return new
@@ -565,6 +572,8 @@ class MagnitudePruner:
             m = masks[name]
             m = m.to(p.device) if isinstance(m, Tensor) else m
             _validate.mask(m, p, name)
+            if is_dtensor(p) and not is_dtensor(m):  # FSDP2: a whole mask, cut like p
+                m = shard_like(m, p)
             out[name] = torch.empty_like(p, dtype=torch.bool).copy_(m)  # p's memory layout
         return out
 
@@ -591,10 +600,11 @@ class MagnitudePruner:
         new = {}
         for name, p in self.targets.items():
             old = self._masks[name]
-            count = int(old.sum()) - int(magnitude[name].sum())
+            count = _count(old) - _count(magnitude[name])
             # scores in the mask's memory layout, so ties and layouts line up with `old`
             scores = torch.empty_like(old, dtype=torch.float32)
-            scores.copy_(torch.rand(p.shape, generator=gen))
+            draw = torch.rand(p.shape, generator=gen)
+            scores.copy_(shard_like(draw, old) if is_dtensor(old) else draw)  # FSDP2: its rows
             new[name] = prune_smallest(scores, count, old, names=[name])[0]
         return self._commit(new)
 
@@ -625,8 +635,8 @@ class MagnitudePruner:
         groups: dict[tuple, tuple[list, list]] = {}
         for name, p in self.targets.items():
             g = groups.setdefault((p.device, p.dtype), ([], []))
-            g[0].append(p.detach())
-            g[1].append(self._masks[name])
+            g[0].append(local(p.detach()))  # a DTensor (FSDP2): its shard, masked alike
+            g[1].append(local(self._masks[name]))
         for tensors, ms in groups.values():
             _ops.apply_mask(tensors, ms)
         for opt in self._optimizers:
@@ -648,7 +658,7 @@ class MagnitudePruner:
 
     def density(self) -> dict[str, float]:
         """Fraction of weights remaining: over the pruned tensors and over all parameters."""
-        kept = sum(int(m.sum()) for m in self._masks.values())
+        kept = sum(_count(m) for m in self._masks.values())
         total = sum(m.numel() for m in self._masks.values())
         all_params = sum(p.numel() for p in self.model.parameters())
         return {
@@ -659,7 +669,7 @@ class MagnitudePruner:
     def layer_stats(self) -> list[dict]:
         rows = []
         for name, m in self._masks.items():
-            kept = int(m.sum())
+            kept = _count(m)
             rows.append(dict(name=name, shape=tuple(m.shape), remaining=kept, total=m.numel(),
                              fraction=kept / m.numel() if m.numel() else 1.0,
                              rate=self.rates[name]))  # fmt: skip

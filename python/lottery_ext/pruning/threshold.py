@@ -6,7 +6,8 @@ ordered like |w| for every non-NaN value, ±0 and ±inf included): one histogram
 16-bit digit, most significant first (2 passes for float32, 4 for float64, 1 for 16-bit),
 each counting only the elements whose higher digits match those already selected. The
 histogram pass is its own op (``lottery_ext.ops.magnitude_histogram``) so that a sharded
-model can all-reduce the histograms between passes and get the exact global threshold.
+model can all-reduce the histograms between passes and get the exact global threshold: given
+DTensors, the functions here hand over to ``lottery_ext.distributed``, which does that.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
+from ..distributed import is_dtensor
 
 Tensor = torch.Tensor
 
@@ -66,6 +68,12 @@ def count_candidates(tensors: list[Tensor], masks: list[Tensor | None]) -> int:
     return sum(t.numel() if m is None else int(m.sum()) for t, m in zip(tensors, masks))
 
 
+def _sharded(tensors: list[Tensor]) -> bool:
+    """DTensors (FSDP2 shards): the exact global answer comes from ``lottery_ext.distributed``
+    (a collective call: every rank of their mesh makes it)."""
+    return any(is_dtensor(t) for t in tensors)
+
+
 def _names(names: Sequence[str] | None, n: int) -> list[str]:
     if names is None:
         return [f"tensors[{i}]" for i in range(n)]
@@ -76,21 +84,29 @@ def _names(names: Sequence[str] | None, n: int) -> list[str]:
 
 
 def select_key(
-    tensors: list[Tensor], masks: list[Tensor | None], k: int, names: list[str] | None = None
+    tensors: list[Tensor],
+    masks: list[Tensor | None],
+    k: int,
+    names: list[str] | None = None,
+    reduce=None,
 ) -> tuple[int, int]:
     """(key of the k-th smallest candidate magnitude, number of candidates below that key).
-    Inputs must be validated (``_ops._check_candidates``)."""
+    Inputs must be validated (``_ops._check_candidates``). ``reduce(hist)``, when given,
+    sums each pass's histogram over the shards in place (``lottery_ext.distributed``)."""
     dtype, device = tensors[0].dtype, tensors[0].device
     prefix = prefix_mask = below = 0
     for i, (shift, bits) in enumerate(passes(dtype, device)):
         hist = torch.zeros((1 << bits) + 1, dtype=torch.int64, device=device)
         _ops._launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+        if reduce is not None:
+            reduce(hist)
         counts = hist[:-1]
         if i == 0:
             nans = int(hist[-1])
             if nans:
                 where = [n for n, t in zip(_names(names, len(tensors)), tensors)
                          if bool(torch.isnan(t.detach()).any())]  # fmt: skip
+                where = where or ["a shard on another rank"]  # sharded: reduced counts
                 raise ValueError(
                     f"{', '.join(where)}: {nans} NaN value(s) among the candidate weights; no "
                     "magnitude threshold exists (did training diverge?)"
@@ -107,11 +123,16 @@ def select_key(
 
 
 def select_keys(
-    tensors: list[Tensor], masks: list[Tensor | None], ks: list[int], names: list[str]
+    tensors: list[Tensor],
+    masks: list[Tensor | None],
+    ks: list[int],
+    names: list[str],
+    reduce=None,
 ) -> list[tuple[int, int]]:
     """Per tensor i, on its own: (key of its ks[i]-th smallest candidate magnitude, number of
     its candidates below that key). One batched histogram per radix pass for all tensors (one
-    GPU launch each). Inputs must be validated (``_ops._check_candidates``)."""
+    GPU launch each). Inputs must be validated (``_ops._check_candidates``). ``reduce`` as
+    in ``select_key``."""
     n = len(tensors)
     dtype, device = tensors[0].dtype, tensors[0].device
     prefixes, below, prefix_mask = [0] * n, [0] * n, 0
@@ -120,6 +141,8 @@ def select_keys(
         _ops._launch_magnitude_histogram_batched(
             tensors, masks, shift, bits, prefixes, prefix_mask, hist
         )
+        if reduce is not None:
+            reduce(hist)
         counts = hist[:, :-1]
         if i == 0:
             nans, totals = hist[:, -1].tolist(), counts.sum(1).tolist()
@@ -154,6 +177,10 @@ def prune_smallest_each(
     pruning), with the thresholds of all tensors selected together (batched histograms).
     ``names`` label the tensors in error messages (default ``tensors[i]``)."""
     tensors = _as_list(tensors)
+    if _sharded(tensors):
+        from ..distributed import sharded_prune_smallest_each
+
+        return sharded_prune_smallest_each(tensors, counts, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
     _ops._check_candidates(tensors, masks, "prune_smallest_each", labels)
@@ -193,6 +220,10 @@ def kth_smallest_magnitude(
     to surviving entries. NaN anywhere among the candidates raises ``ValueError`` naming the
     tensor (``names``, default ``tensors[i]``)."""
     tensors = _as_list(tensors)
+    if _sharded(tensors):
+        from ..distributed import sharded_kth_smallest_magnitude
+
+        return sharded_kth_smallest_magnitude(tensors, k, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
     _ops._check_candidates(tensors, masks, "kth_smallest_magnitude", labels)
@@ -212,6 +243,10 @@ def prune_smallest(
     magnitudes, ties at the threshold broken by flat (memory) index over the list, lowest
     first. Already-pruned weights stay pruned. Returns one bool tensor per input tensor."""
     tensors = _as_list(tensors)
+    if _sharded(tensors):
+        from ..distributed import sharded_prune_smallest
+
+        return sharded_prune_smallest(tensors, count, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
     _ops._check_candidates(tensors, masks, "prune_smallest", labels)
