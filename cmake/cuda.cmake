@@ -1,6 +1,11 @@
 # LOTTERY_EXT_CUDA = AUTO (default) | ON | OFF, from -D or from the environment at pip time:
 #   LOTTERY_EXT_CUDA=ON pip install .
-# AUTO builds the CUDA sources when a CUDA compiler is found; ON fails without one.
+# (pyproject.toml passes the environment variable as -D on every pip build, so a value cached
+# in the reused build directory never outlives the variable; plain cmake reads it here.)
+#   ON    compile csrc/cuda/; fail without a CUDA compiler.
+#   OFF   never.
+#   AUTO  only where they can be used (cmake/cuda_probe.py): the installed torch has CUDA,
+#         or, with torch not installed yet, an NVIDIA driver is present; and nvcc is found.
 set(_cuda_default AUTO)
 if(DEFINED ENV{LOTTERY_EXT_CUDA})
   set(_cuda_default $ENV{LOTTERY_EXT_CUDA})
@@ -23,21 +28,56 @@ if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
   set(CMAKE_CUDA_ARCHITECTURES "${_archs}")
 endif()
 
+# Every branch ends in one status line "lottery_ext: CUDA kernels ON|OFF: <why>", shown by
+# `pip install -v .` (see the README's Install section).
 set(LOTTERY_EXT_WITH_CUDA OFF)
-if(NOT LOTTERY_EXT_CUDA STREQUAL "OFF")
+set(_want_cuda OFF)
+if(LOTTERY_EXT_CUDA STREQUAL "ON")
+  set(_want_cuda ON)
+  set(_why "LOTTERY_EXT_CUDA=ON")
+elseif(LOTTERY_EXT_CUDA STREQUAL "OFF")
+  set(_why "LOTTERY_EXT_CUDA=OFF")
+else()
+  # The probe reads torch/version.py (no torch import: fast, and works in pip's isolated build
+  # environment) and looks for an NVIDIA driver; it prints ON|OFF, then the reason.
+  if(NOT Python_EXECUTABLE)
+    find_package(Python 3.10 REQUIRED COMPONENTS Interpreter)
+  endif()
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" "${CMAKE_CURRENT_LIST_DIR}/cuda_probe.py"
+    OUTPUT_VARIABLE _probe ERROR_VARIABLE _probe_err RESULT_VARIABLE _probe_rc
+    OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_STRIP_TRAILING_WHITESPACE)
+  if(_probe_rc EQUAL 0 AND _probe MATCHES "^(ON|OFF)\n(.*)$")
+    set(_want_cuda ${CMAKE_MATCH_1})
+    set(_why "${CMAKE_MATCH_2}")
+  else()
+    string(REGEX MATCH "[^\n]*$" _probe_err "${_probe_err}")  # a traceback's last line
+    set(_why "cmake/cuda_probe.py failed (${_probe_rc}: ${_probe_err})")
+  endif()
+  if(NOT _want_cuda)
+    string(APPEND _why "; set LOTTERY_EXT_CUDA=ON to build them anyway")
+  endif()
+endif()
+
+if(_want_cuda)
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     enable_language(CUDA)
     set(LOTTERY_EXT_WITH_CUDA ON)
-    message(STATUS "lottery_ext: CUDA kernels ON (${CMAKE_CUDA_COMPILER}, archs ${CMAKE_CUDA_ARCHITECTURES})")
+    message(STATUS "lottery_ext: CUDA kernels ON: ${_why} (nvcc ${CMAKE_CUDA_COMPILER_VERSION} "
+                   "at ${CMAKE_CUDA_COMPILER}, archs ${CMAKE_CUDA_ARCHITECTURES})")
   elseif(LOTTERY_EXT_CUDA STREQUAL "ON")
     message(FATAL_ERROR
       "LOTTERY_EXT_CUDA=ON but no CUDA compiler was found. Put nvcc on PATH or set CUDACXX=/path/to/nvcc, "
       "or build without CUDA: LOTTERY_EXT_CUDA=OFF pip install .")
   else()
-    message(STATUS "lottery_ext: no CUDA compiler found, building CPU kernels only")
+    # Kernels that could be used but cannot be built: worth a warning, not a failed install.
+    message(WARNING "lottery_ext: CUDA kernels OFF: ${_why}, but no CUDA compiler was found. "
+                    "Put nvcc on PATH or set CUDACXX=/path/to/nvcc, then reinstall.")
   endif()
+else()
+  message(STATUS "lottery_ext: CUDA kernels OFF: ${_why}")
 endif()
 
 function(lottery_add_cuda target)

@@ -1,12 +1,17 @@
 """How the package was built and loaded: build_info(), the pure-PyTorch fallback when the
-compiled core is disabled, and sharing torch's OpenMP runtime."""
+compiled core is disabled, sharing torch's OpenMP runtime, and the build's CUDA switch
+(LOTTERY_EXT_CUDA, cmake/cuda.cmake and cmake/cuda_probe.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -199,3 +204,216 @@ def test_build_info_cuda_matches_the_compiled_module():
     if info["cuda"]:
         assert info["cuda_version"] and info["cuda_architectures"]
         assert _native.cuda_max_histogram_bits >= 11  # the GPU radix passes use 11-bit digits
+
+
+# --- The CUDA switch: LOTTERY_EXT_CUDA = AUTO | ON | OFF (cmake/cuda.cmake) ------------------
+# Configure-only runs of a stub project that includes just cmake/cuda.cmake: no compiler, no
+# pybind11 (not installed in the test venv), a fraction of a second unless nvcc is probed.
+
+CMAKE_DIR = Path(__file__).resolve().parents[1] / "cmake"
+needs_source = pytest.mark.skipif(
+    not (CMAKE_DIR / "cuda.cmake").is_file(), reason="needs the source tree's cmake/"
+)
+
+
+def _cmake() -> str | None:
+    """cmake >= 3.24 (the project's minimum), or None."""
+    exe = shutil.which("cmake")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return exe if m and (int(m[1]), int(m[2])) >= (3, 24) else None
+
+
+needs_cmake = pytest.mark.skipif(_cmake() is None, reason="needs cmake >= 3.24 on PATH")
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("cuda_probe", CMAKE_DIR / "cuda_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def configure_cuda_switch(tmp_path, *args: str, **env: str) -> tuple[int, str]:
+    """(exit code, output with CMake's line wrapping undone) of a configure of a stub project
+    that includes cmake/cuda.cmake. ``env`` is added to an environment without LOTTERY_EXT_*."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.24)\n"
+        "project(cuda_switch LANGUAGES NONE)\n"
+        f'list(APPEND CMAKE_MODULE_PATH "{CMAKE_DIR.as_posix()}")\n'
+        "include(cuda)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LOTTERY_EXT_")}
+    proc = subprocess.run(
+        [_cmake(), "-S", src, "-B", tmp_path / "build", f"-DPython_EXECUTABLE={sys.executable}",
+         *args],
+        capture_output=True, text=True, env={**clean, **env}, timeout=300,
+    )  # fmt: skip
+    return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+
+
+def _status(out: str) -> str:
+    """The one status line cuda.cmake prints, e.g. 'CUDA kernels OFF: LOTTERY_EXT_CUDA=OFF'."""
+    lines = re.findall(r"-- lottery_ext: (CUDA kernels .*?)(?= -- |$)", out)
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+@needs_source
+@needs_cmake
+def test_cuda_off_never_looks_for_nvcc(tmp_path):
+    rc, out = configure_cuda_switch(tmp_path, "-DLOTTERY_EXT_CUDA=OFF")
+    assert rc == 0, out
+    assert _status(out) == "CUDA kernels OFF: LOTTERY_EXT_CUDA=OFF"
+    assert "Looking for a CUDA compiler" not in out
+
+
+@needs_source
+@needs_cmake
+@pytest.mark.parametrize("how", ["-DLOTTERY_EXT_CUDA=AUTO", "unset"])
+def test_cuda_auto_follows_the_installed_torch(tmp_path, how):
+    """AUTO (the default) builds the kernels only for a torch with CUDA: this torch decides,
+    as the probe reads it from torch/version.py without importing torch."""
+    rc, out = configure_cuda_switch(tmp_path, *([how] if how != "unset" else []))
+    assert rc == 0, out
+    if torch.version.cuda is None:
+        status = _status(out)
+        assert status.startswith(f"CUDA kernels OFF: torch {torch.__version__} has no CUDA"), out
+        assert status.endswith("; set LOTTERY_EXT_CUDA=ON to build them anyway"), out
+        assert "Looking for a CUDA compiler" not in out  # nvcc not even probed: fast
+    elif shutil.which("nvcc") or os.environ.get("CUDACXX"):
+        assert _status(out).startswith(f"CUDA kernels ON: torch {torch.__version__} has CUDA "), out
+    else:  # kernels this torch could use, but nothing to compile them: a warning
+        assert "CUDA kernels OFF" in out and "but no CUDA compiler was found" in out, out
+
+
+@needs_source
+@needs_cmake
+def test_cuda_auto_with_a_broken_torch_builds_no_kernels_and_says_why(tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "torch").mkdir(parents=True)
+    (broken / "torch" / "__init__.py").write_text("")
+    (broken / "torch" / "version.py").write_text("raise RuntimeError('half-installed')\n")
+    rc, out = configure_cuda_switch(tmp_path, PYTHONPATH=str(broken))
+    assert rc == 0, out
+    assert _status(out) == (
+        "CUDA kernels OFF: cmake/cuda_probe.py failed (1: RuntimeError: half-installed); "
+        "set LOTTERY_EXT_CUDA=ON to build them anyway"
+    )
+
+
+@needs_source
+@needs_cmake
+def test_cuda_switch_from_the_environment_any_case(tmp_path):
+    rc, out = configure_cuda_switch(tmp_path, LOTTERY_EXT_CUDA="off")
+    assert rc == 0, out
+    assert _status(out) == "CUDA kernels OFF: LOTTERY_EXT_CUDA=OFF"
+
+
+@needs_source
+@needs_cmake
+def test_cuda_switch_refuses_other_values(tmp_path):
+    rc, out = configure_cuda_switch(tmp_path, "-DLOTTERY_EXT_CUDA=yes")
+    assert rc != 0
+    assert "LOTTERY_EXT_CUDA must be AUTO, ON or OFF, not 'YES'" in out
+
+
+@needs_source
+@needs_cmake
+def test_cuda_on_without_a_compiler_fails_and_says_how_to_fix(tmp_path):
+    rc, out = configure_cuda_switch(
+        tmp_path, "-DLOTTERY_EXT_CUDA=ON", CUDACXX=str(tmp_path / "no-such-nvcc")
+    )
+    assert rc != 0
+    assert "LOTTERY_EXT_CUDA=ON but no CUDA compiler was found" in out
+    assert "set CUDACXX=/path/to/nvcc" in out and "LOTTERY_EXT_CUDA=OFF pip install ." in out
+
+
+@needs_source
+@needs_cmake
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH (no GPU needed)")
+def test_cuda_on_enables_cuda_with_nvcc(tmp_path):
+    # ~10 s on 2 cores: CMake's checks of nvcc (no GPU needed)
+    rc, out = configure_cuda_switch(tmp_path, "-DLOTTERY_EXT_CUDA=ON")
+    assert rc == 0, out
+    status = _status(out)
+    assert status.startswith("CUDA kernels ON: LOTTERY_EXT_CUDA=ON (nvcc "), status
+    assert "archs 80-real;86-real;89-real;90" in status
+
+
+@needs_source
+@needs_cmake
+def test_project_configure_prints_the_cuda_decision_once(tmp_path):
+    """The real CMakeLists.txt (Python found before cmake/cuda.cmake runs it); configure only."""
+    pybind11 = pytest.importorskip("pybind11", reason="pybind11 is a build requirement only")
+    proc = subprocess.run(
+        [_cmake(), "-S", CMAKE_DIR.parent, "-B", tmp_path / "build", "-DLOTTERY_EXT_CUDA=AUTO",
+         f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 0, out
+    assert _status(out).startswith("CUDA kernels "), out
+
+
+@needs_source
+@pytest.mark.parametrize(
+    "torch_seen, driver, on, why",
+    [
+        (("2.5.1+cu124", "12.4"), None, True, "torch 2.5.1+cu124 has CUDA 12.4"),
+        (("2.13.0+cpu", None), None, False, "torch 2.13.0+cpu has no CUDA"),
+        (("2.13.0+cpu", None), "/proc/driver/nvidia/version", False,
+         "torch 2.13.0+cpu has no CUDA (an NVIDIA driver is present, "
+         "/proc/driver/nvidia/version: install a CUDA build of torch)"),
+        (None, "libcuda.so.1", True,
+         "torch is not installed yet and an NVIDIA driver was found (libcuda.so.1)"),
+        (None, None, False, "torch is not installed yet and no NVIDIA driver was found"),
+    ],
+)  # fmt: skip
+def test_cuda_probe_rule(torch_seen, driver, on, why):
+    """The installed torch decides; only without one (``pip install torch .`` builds this
+    package before it installs torch) does an NVIDIA driver."""
+    assert _probe().decide(torch_seen, driver) == (on, why)
+
+
+@needs_source
+def test_cuda_probe_reads_torch_version_file_without_importing_torch(tmp_path):
+    probe = _probe()
+    site = tmp_path / "site-packages"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "version.py").write_text(
+        "from typing import Optional\n__version__ = '2.5.1+cu124'\n"
+        "cuda: Optional[str] = '12.4'\nhip: Optional[str] = None\n"
+    )
+    found = probe.torch_version_file([str(tmp_path / "empty"), str(site)])
+    assert found == site / "torch" / "version.py"
+    assert probe.read_torch(found) == ("2.5.1+cu124", "12.4")
+    assert probe.torch_version_file([str(tmp_path / "empty")]) is None
+
+
+@needs_source
+def test_cuda_probe_finds_torch_hidden_by_an_isolated_build(tmp_path):
+    """pip's isolated build environment takes this interpreter's site-packages off sys.path;
+    the probe still finds the torch installed there (where this package will be installed)."""
+    site_dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    torch_dir = Path(torch.__file__).resolve().parent.parent
+    if not any(torch_dir == Path(d).resolve() for d in site_dirs):
+        pytest.skip("torch is not installed in this interpreter's site-packages")
+    code = (
+        "import runpy, sys, sysconfig\n"
+        "hidden = {sysconfig.get_paths()[k] for k in ('purelib', 'platlib')}\n"
+        "sys.path[:] = [p for p in sys.path if p not in hidden]\n"
+        "import importlib.util; assert importlib.util.find_spec('torch') is None\n"
+        f"runpy.run_path({str(CMAKE_DIR / 'cuda_probe.py')!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    decision, why = proc.stdout.splitlines()
+    assert why.startswith(f"torch {torch.__version__} has "), why
+    assert decision == ("ON" if torch.version.cuda else "OFF")

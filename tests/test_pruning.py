@@ -51,6 +51,10 @@ OPCHECK_TESTS = (
 # -------------------------------------------------------------------------------------------
 # models and helpers
 
+# rewind()/reinitialize() given masks but no masked optimizer warn on purpose (tested in
+# test_correctness.py); here they are called that way deliberately, many times
+pytestmark = pytest.mark.filterwarnings("ignore:.*nothing keeps the pruned weights:UserWarning")
+
 
 def lenet():
     """LeNet-300-100 as in the paper: 784-300-100-10."""

@@ -21,7 +21,7 @@ else:
     except ImportError as exc:  # pragma: no cover - exercised via a subprocess test
         load_error = f"{type(exc).__name__}: {exc}"
 
-# CUDA kernels compiled in (LOTTERY_EXT_CUDA=ON, or AUTO with nvcc found at build time)
+# CUDA kernels compiled in (LOTTERY_EXT_CUDA=ON, or AUTO: see cmake/cuda.cmake)
 cuda = core is not None and bool(core.build_config()["cuda"])
 # widest radix digit the GPU histogram takes (shared-memory histograms)
 cuda_max_histogram_bits = core.build_config().get("cuda_max_histogram_bits", 0) if cuda else 0
