@@ -286,3 +286,23 @@ def test_checkpoints_without_a_header_are_read_with_a_notice(run, tmp_path, caps
     assert _find(out, "--rounds", "2") == 0
     assert "trial0_masks2.pt: written without a checksum" in capsys.readouterr().err
     assert _rows(out / "results.jsonl") == ref
+
+
+@pytest.mark.parametrize("errno_, text", [(13, "Permission denied"), (28, "No space left")])
+def test_read_only_directory_or_full_disk_is_one_line(run, monkeypatch, capsys, errno_, text):
+    """A write that the file system refuses (EACCES: a read-only run directory; ENOSPC: a
+    full disk): one line, and the finished units are kept. (Simulated: the tests run as
+    root, whom chmod does not stop.)"""
+    _keep_units(run, 1)
+    before = (run / "results.jsonl").read_bytes()
+
+    def refused(self, result, curve):
+        raise OSError(errno_, os.strerror(errno_), str(self.results))
+
+    monkeypatch.setattr(RunDir, "append", refused)
+    capsys.readouterr()
+    assert _find(run) == 2
+    err = capsys.readouterr().err
+    assert text in err and "results.jsonl" in err and "rerun the same command" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (run / "results.jsonl").read_bytes() == before
