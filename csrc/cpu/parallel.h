@@ -4,8 +4,8 @@
 // too and is always loaded after torch (lottery_ext imports torch first), so the dynamic
 // loader hands it torch's copy: one OpenMP runtime and one thread pool for the process.
 // A private pool (std::thread) measured ~20% slower here: torch's OpenMP workers spin
-// after every torch op and steal the cores from a second pool (see the foundation issue
-// note). The thread count comes from torch.get_num_threads() on every call.
+// after every torch op and steal the cores from a second pool. The thread count comes from
+// torch.get_num_threads() on every call.
 #pragma once
 
 #include <cstddef>

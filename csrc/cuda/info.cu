@@ -1,5 +1,5 @@
-// CUDA runtime facts for build_info(). The CUDA kernels themselves land with the CUDA issue;
-// this translation unit makes LOTTERY_EXT_CUDA=ON compile and link real device code.
+// CUDA runtime facts for build_info() (runtime version, device count). The CUDA kernels
+// live beside it: optim.cu, select.cu and rewind.cu.
 #include <cuda_runtime.h>
 
 #include "lottery/api.h"

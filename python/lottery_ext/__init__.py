@@ -1,13 +1,43 @@
 """lottery_ext: find lottery tickets (Frankle & Carbin, ICLR 2019) on a fused native core.
 
-Public API: the masked optimizers (``MaskedSGD``, ``MaskedAdam``, ``MaskedAdamW``), the
-validated ops in ``lottery_ext.ops`` (also registered as ``torch.ops.lottery_ext.*``) and
-``build_info()``.
+Public API (``__all__``):
+
+Masked optimizers (pruned weights and their state stay exactly zero)
+    MaskedSGD            -- torch.optim.SGD with masks, one fused native step
+    MaskedAdam           -- torch.optim.Adam with masks
+    MaskedAdamW          -- torch.optim.AdamW with masks
+
+Pruning
+    MagnitudePruner      -- iterative magnitude pruning as in Frankle & Carbin (2019)
+    prune_smallest       -- new masks removing exactly `count` smallest magnitudes
+    prune_smallest_each  -- ``prune_smallest`` per tensor (layer-wise), batched
+    kth_smallest_magnitude -- exact k-th smallest |w| over a list of tensors
+    prunable             -- what ``MagnitudePruner(model, **recipe)`` would prune, and why
+    format_prunable      -- a table of ``prunable()`` rows
+
+Rewinding
+    Snapshot             -- an immutable copy of a model's parameters and buffers
+    snapshot             -- take a ``Snapshot`` of a model
+    rewind               -- weights back to a snapshot under masks, optimizer restarted
+    reinitialize         -- fresh initialization under masks (the random-reinit control)
+    restart_scheduler    -- an LR scheduler back to its start, in place
+
+Interoperability with torch.nn.utils.prune
+    from_torch_prune     -- take torch's pruning off a model and return its masks
+    to_torch_prune       -- prune a model with torch.nn.utils.prune from masks
+
+Tickets and searches
+    Ticket               -- a sparse subnetwork: masks, rewind weights and its record
+    load_ticket          -- read a ticket file (weights only: it cannot run code)
+    TicketSearch         -- find lottery tickets of your own model on your own data
+
+Ops and build
+    ops                  -- the validated ops (also ``torch.ops.lottery_ext.*``)
+    build_info           -- how this install was built and what it will run on
+    __version__          -- the package version
 """
 
-from __future__ import annotations
-
-import torch
+import torch as _torch
 
 from . import _native
 from . import _ops as ops
@@ -47,8 +77,8 @@ def build_info() -> dict:
         "cuda": False,
         "cuda_version": None,
         "compiler": None,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "threads": _torch.get_num_threads(),
+        "torch": _torch.__version__,
         "native_error": _native.load_error,
     }
     if _native.core is not None:

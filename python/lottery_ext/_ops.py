@@ -6,6 +6,10 @@ Each op exists as:
 - ``<op>(...)``: public, validates (``_validate``) then launches;
 - ``_launch_<op>(...)``: no checks, for callers that validated already (the optimizers);
 - ``torch.ops.lottery_ext.<op>``: the custom op, whose kernel is ``<op>(...)``.
+
+``torch.ops.lottery_ext.kth_smallest_magnitude`` is registered beside its kernel, in
+``pruning/threshold.py`` (it is built on these ops, so registering it here would make this
+module import its own caller).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import _native, _reference, _validate
+from . import _native, _radix, _reference, _validate
 
 Tensor = torch.Tensor
 _force_reference = False
@@ -89,7 +93,7 @@ def _launch_sgd_step(
         return
     if uses_native(params[0].device):
         _native.core.sgd_step(
-            _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads),
+            _radix.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads),
             _ptrs(momentum_buffers) if momentum != 0 else [0] * len(params), _ptrs(masks),
             _numels(params), [bool(f) for f in first], lr, momentum, dampening, weight_decay,
             nesterov, maximize, torch.get_num_threads(), *_where(params[0].device),
@@ -110,7 +114,7 @@ def _launch_adam_step(
         return
     if uses_native(params[0].device):
         _native.core.adam_step(
-            _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads), _ptrs(exp_avgs),
+            _radix.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads), _ptrs(exp_avgs),
             _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs) if amsgrad else [], _ptrs(masks),
             _numels(params), _ptrs(steps), lr, beta1, beta2, eps, weight_decay, amsgrad,
             maximize, decoupled, torch.get_num_threads(), *_where(params[0].device),
@@ -129,7 +133,7 @@ def _launch_apply_mask(tensors, masks) -> None:
         return
     if uses_native(tensors[0].device):
         _native.core.apply_mask(
-            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
+            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
             _numels(tensors), torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
         _bump(tensors)
@@ -140,7 +144,7 @@ def _launch_apply_mask(tensors, masks) -> None:
 def _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist) -> None:
     if uses_native(tensors[0].device):
         _native.core.magnitude_histogram(
-            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
+            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
             _numels(tensors), shift, bits, prefix, prefix_mask, hist.data_ptr(),
             torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
@@ -153,7 +157,7 @@ def _launch_magnitude_histogram_batched(tensors, masks, shift, bits, prefixes, p
     """Row i of `hist` (n x (2**bits + 1)) gets tensor i's histogram for its own prefix."""
     if uses_native(tensors[0].device):
         _native.core.magnitude_histogram_batched(
-            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
+            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
             _numels(tensors), shift, bits, list(prefixes), prefix_mask, hist.data_ptr(),
             torch.get_num_threads(), *_where(tensors[0].device),
         )  # fmt: skip
@@ -172,7 +176,7 @@ def _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune) 
             nbytes = _native.core.threshold_mask_scratch_bytes(numels)
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=device)
         _native.core.threshold_mask(
-            _validate.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(old_masks),
+            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(old_masks),
             _ptrs(out_masks), numels, t_key, ties_to_prune,
             0 if scratch is None else scratch.data_ptr(), nbytes, torch.get_num_threads(),
             *_where(device),
@@ -189,7 +193,7 @@ def _launch_rewind(params, snapshots, masks, states) -> None:
     if uses_native(params[0].device):
         per = len(states[0]) if states else 0
         _native.core.rewind(
-            _validate.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(snapshots),
+            _radix.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(snapshots),
             _ptrs(masks), [x for st in states for x in _ptrs(st)], per, _numels(params),
             torch.get_num_threads(), *_where(params[0].device),
         )  # fmt: skip
@@ -353,7 +357,7 @@ def threshold_mask(
     for i, (t, m) in enumerate(zip(tensors, out_masks)):
         _validate.mask(m, t, f"out_masks[{i}]")
         _validate.like_layout(m, t, f"out_masks[{i}]")
-    _validate.integer(t_key, "t_key", 0, _validate.max_key(tensors[0].dtype))
+    _validate.integer(t_key, "t_key", 0, _radix.max_key(tensors[0].dtype))
     _validate.integer(ties_to_prune, "ties_to_prune", 0, 2**63 - 1)
     with torch.no_grad():
         _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
@@ -494,28 +498,6 @@ def _threshold_mask_op(
 @_threshold_mask_op.register_fake
 def _(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
     return None
-
-
-@torch.library.custom_op("lottery_ext::kth_smallest_magnitude", mutates_args=())
-def _kth_smallest_magnitude_op(tensors: list[Tensor], k: int, masks: list[Tensor | None]) -> Tensor:
-    from .pruning.threshold import kth_smallest_magnitude
-
-    value = kth_smallest_magnitude(tensors, k, masks)
-    return torch.tensor(value, dtype=tensors[0].dtype, device=tensors[0].device)
-
-
-@_kth_smallest_magnitude_op.register_fake
-def _(tensors, k, masks) -> Tensor:
-    return tensors[0].new_empty(())
-
-
-def _kth_setup_context(ctx, inputs, output) -> None:
-    ctx.mark_non_differentiable(output)  # a threshold carries no gradient
-
-
-_kth_smallest_magnitude_op.register_autograd(
-    lambda ctx, grad: (None, None, None), setup_context=_kth_setup_context
-)
 
 
 @torch.library.custom_op("lottery_ext::rewind_", mutates_args=("params", "states"))

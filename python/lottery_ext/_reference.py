@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._radix import KEY_FORMAT
+
 Tensor = torch.Tensor
 
 
@@ -109,15 +111,7 @@ def adam_step_(
         _write_back(p, p32, keep)
 
 
-# ---- magnitude selection -------------------------------------------------------------------
-
-# dtype -> (integer view dtype, magnitude bits, key of +inf)
-KEY_FORMAT = {
-    torch.float32: (torch.int32, 31, 0x7F800000),
-    torch.float64: (torch.int64, 63, 0x7FF0000000000000),
-    torch.float16: (torch.int16, 15, 0x7C00),
-    torch.bfloat16: (torch.int16, 15, 0x7F80),
-}
+# ---- magnitude selection (key format: ``_radix.KEY_FORMAT``) --------------------------------
 
 
 def flat(t: Tensor) -> Tensor:

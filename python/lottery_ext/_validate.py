@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-# dtype -> code understood by csrc/include/lottery/macros.h (lottery::DType)
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+from ._radix import DTYPE_CODES, max_key
 
 NameFn = Callable[[], str]
 
@@ -359,12 +358,6 @@ def histogram(
     integer(pmask, "prefix_mask", 0, max_key(dtype))
     if prefix & ~pmask:
         raise ValueError("prefix must be a subset of prefix_mask (bits outside it are set)")
-
-
-def max_key(dtype: torch.dtype) -> int:
-    """Largest magnitude key of `dtype`: its bit pattern with the sign bit cleared."""
-    bits = {torch.float32: 31, torch.float64: 63, torch.float16: 15, torch.bfloat16: 15}
-    return (1 << bits[dtype]) - 1
 
 
 def one_device_dtype(t: torch.Tensor, first: torch.Tensor, what: str, name: str, first_name: str):

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _ops, _validate
+from . import _ops, _radix, _select, _validate
 from ._validate import is_dtensor
 
 Tensor = torch.Tensor
@@ -359,11 +359,9 @@ def _sharded_inputs(tensors, masks, group, what: str, names):
     """(local tensors, local masks, group, this rank's position in the global order,
     DTensor templates or None, labels). DTensors must be Shard(0) over one 1-D mesh; plain
     tensors are this rank's shards, in group-rank order."""
-    from .pruning import threshold
-
-    tensors = threshold._as_list(tensors)
-    masks = threshold._as_masks(masks, len(tensors))
-    labels = threshold._names(names, len(tensors))
+    tensors = _select.as_list(tensors)
+    masks = _select.as_masks(masks, len(tensors))
+    labels = _select.labels(names, len(tensors))
     _validate.same_length(tensors=tensors, masks=masks)
     kinds = {is_dtensor(t) for t in tensors}
     if len(kinds) > 1:
@@ -441,12 +439,10 @@ def _reducer(group):
 def _local_ties(locs, lmasks, keys: list[int]) -> list[int]:
     """Per local tensor i: its candidates whose magnitude key is exactly keys[i], counted by
     one histogram pass with every higher digit fixed (the last radix pass)."""
-    from .pruning import threshold
-
     dtype, device = locs[0].dtype, locs[0].device
-    shift, bits = threshold.passes(dtype, device)[-1]
+    shift, bits = _radix.passes(dtype, device)[-1]
     assert shift == 0  # the last pass ends at bit 0: its digit and the prefix fix every bit
-    pmask = _validate.max_key(dtype) & ~((1 << bits) - 1)
+    pmask = _radix.max_key(dtype) & ~((1 << bits) - 1)
     hist = torch.zeros((1 << bits) + 1, dtype=torch.int64, device=device)
     out = []
     for t, m, key in zip(locs, lmasks, keys):
@@ -489,14 +485,12 @@ def sharded_kth_smallest_magnitude(
     ``kth_smallest_magnitude`` gives on the gathered tensors, on every rank. `tensors`:
     DTensors (Shard(0), 1-D mesh; `group` is then their mesh's) or this rank's plain shards
     over `group`. `masks` restrict the candidates, sharded alike (or whole, for DTensors)."""
-    from .pruning import threshold
-
-    k = threshold._check_k(k)
+    k = _select.check_k(k)
     locs, lmasks, group, _, _, labels, _ = _prelude(
         tensors, masks, group, names, "sharded_kth_smallest_magnitude", k=k
     )
-    key, _ = threshold.select_key(locs, lmasks, k, labels, reduce=_reducer(group))
-    return threshold.key_to_float(key, locs[0].dtype)
+    key, _ = _select.select_key(locs, lmasks, k, labels, reduce=_reducer(group))
+    return _radix.key_to_float(key, locs[0].dtype)
 
 
 def sharded_prune_smallest(
@@ -511,9 +505,7 @@ def sharded_prune_smallest(
     tensors: the smallest magnitudes, ties broken by the global order (tensor, then rank,
     then flat index), i.e. ``prune_smallest`` on the gathered tensors. Returns this rank's
     mask shards (DTensors sharded like `tensors` when those are DTensors)."""
-    from .pruning import threshold
-
-    count = threshold._check_k(count, "count")
+    count = _select.check_k(count, "count")
     locs, lmasks, group, me, templates, labels, positions = _prelude(
         tensors, masks, group, names, "sharded_prune_smallest", count=count
     )
@@ -522,7 +514,7 @@ def sharded_prune_smallest(
         for o, m in zip(out, lmasks):
             o.copy_(True if m is None else m)
         return _wrap(out, templates)
-    key, below = threshold.select_key(locs, lmasks, count, labels, reduce=_reducer(group))
+    key, below = _select.select_key(locs, lmasks, count, labels, reduce=_reducer(group))
     ties = _global_ties(group, positions, _local_ties(locs, lmasks, [key] * len(locs)))
     left = count - below  # ties to prune, in the global order
     with torch.no_grad():
@@ -544,9 +536,7 @@ def sharded_prune_smallest_each(
     """``sharded_prune_smallest`` for every tensor on its own (per-layer pruning: each its
     own count over its shards), all thresholds selected together (one all-reduce of the
     batched histograms per radix pass)."""
-    from .pruning import threshold
-
-    counts = [threshold._check_k(c, f"counts[{i}]") for i, c in enumerate(counts)]
+    counts = [_select.check_k(c, f"counts[{i}]") for i, c in enumerate(counts)]
     locs, lmasks, group, me, templates, labels, positions = _prelude(
         tensors, masks, group, names, "sharded_prune_smallest_each", counts=counts
     )
@@ -557,7 +547,7 @@ def sharded_prune_smallest_each(
     for i in set(range(len(locs))) - set(todo):
         out[i].copy_(True if lmasks[i] is None else lmasks[i])
     if todo:
-        keys = threshold.select_keys([locs[i] for i in todo], [lmasks[i] for i in todo],
+        keys = _select.select_keys([locs[i] for i in todo], [lmasks[i] for i in todo],
                                      [counts[i] for i in todo], [labels[i] for i in todo],
                                      reduce=_reducer(group))  # fmt: skip
         local_ties = _local_ties([locs[i] for i in todo], [lmasks[i] for i in todo],

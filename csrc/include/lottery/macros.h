@@ -13,7 +13,7 @@
 
 namespace lottery {
 
-// Data type codes shared with python/lottery_ext/_ops.py (_DTYPE_CODES).
+// Data type codes shared with python/lottery_ext/_radix.py (DTYPE_CODES).
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 }  // namespace lottery

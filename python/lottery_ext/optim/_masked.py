@@ -11,7 +11,7 @@ tensor (``lottery_ext.distributed`` says why this and not a DTensor sharding str
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -239,12 +239,29 @@ class MaskedOptimizer:
 
     # -- rewinding ----------------------------------------------------------------------------
 
-    def _restart_from(
-        self, params: list[Tensor], masks: dict[Tensor, Tensor], zero_buffers: bool
+    def state_buffers(self, param: Tensor) -> list[Tensor]:
+        """The per-element state buffers this optimizer holds for `param` (momentum, Adam's
+        moments...: the ``_state_buffers`` keys present in its state), in that order; ``[]``
+        before its first step. They are zeroed with `param` wherever its mask is False."""
+        return self._buffers_of(param)
+
+    def restart(
+        self,
+        masks: Mapping[Tensor, Tensor],
+        params: Iterable[Tensor] | None = None,
+        *,
+        zero_buffers: bool = True,
     ) -> None:
-        """After the weights were reset (lottery_ext.rewind / reinitialize): keep `masks`,
-        zero the step counters (and the state buffers unless the caller's fused pass did),
-        and make each parameter's next step a first step, without re-allocating anything."""
+        """Reset the optimizer in place after the weights were reset (what
+        ``lottery_ext.rewind`` and ``reinitialize`` call): store `masks` ({parameter: bool
+        mask}) as its masks, zero every step counter, zero the state buffers of `params`
+        (default: every parameter of the optimizer) unless ``zero_buffers=False`` (the
+        caller zeroed them already, e.g. in ``rewind``'s fused pass), and make the next step
+        of each of `params` a first step. Nothing is re-allocated: the state tensors keep
+        their identity (and their DTensor sharding)."""
+        if params is None:
+            params = [p for _, _, p in self._iter_params()]
+        params = list(params)
         for p, m in masks.items():
             self._store_mask(p, m)
         buffers = (

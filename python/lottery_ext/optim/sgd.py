@@ -59,7 +59,7 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             dampening, wd = group["dampening"], group["weight_decay"]
             _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd)
             # (device, dtype) -> the lists of one native call; key None: the reference path
-            calls: dict[tuple | None, tuple[list, ...]] = {}
+            calls: dict[tuple | None, _SGDLists] = {}
             new_buffers = []  # allocated only once the whole group has passed validation
             keys = ("momentum_buffer",) if momentum != 0 else ()
             for p in group["params"]:
@@ -79,38 +79,50 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 # optimizer (lottery_ext.rewind) also restarts here, keeping its buffer.
                 first = buf is None or p in self._restart
                 key = (p.device, p.dtype) if native else None
-                lists = calls.get(key)
-                if lists is None:
-                    lists = calls[key] = ([], [], [], [], [], [])
+                c = calls.get(key)
+                if c is None:
+                    c = calls[key] = _SGDLists()
                 if momentum != 0 and buf is None:
-                    new_buffers.append((p, len(lists[2]), lists[2]))
-                lists[0].append(local_shard(p))  # a DTensor (FSDP2) steps on its local shard
-                lists[5].append(p)
-                lists[1].append(g)
-                lists[2].append(buf)
-                lists[3].append(mask)
-                lists[4].append(first)
+                    new_buffers.append((p, len(c.momentum_buffers), c.momentum_buffers))
+                c.params.append(local_shard(p))  # a DTensor (FSDP2) steps on its local shard
+                c.stepped.append(p)
+                c.grads.append(g)
+                c.momentum_buffers.append(buf)
+                c.masks.append(mask)
+                c.first.append(first)
             for p, i, bufs in new_buffers:
                 buf = self.state[p]["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format
                 )
                 bufs[i] = local_shard(buf)
-            for key, (params, grads, bufs, masks, first, stepped) in calls.items():
+            for key, c in calls.items():
                 if key is None:
                     _reference.sgd_step_(
-                        params, grads, bufs, masks, first, lr=lr, momentum=momentum,
-                        dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
-                        maximize=group["maximize"],
+                        c.params, c.grads, c.momentum_buffers, c.masks, c.first, lr=lr,
+                        momentum=momentum, dampening=dampening, weight_decay=wd,
+                        nesterov=group["nesterov"], maximize=group["maximize"],
                     )  # fmt: skip
                 elif torch.compiler.is_compiling():
                     torch.ops.lottery_ext.sgd_step_(
-                        params, grads, bufs if momentum != 0 else [], masks, first, lr,
-                        momentum, dampening, wd, group["nesterov"], group["maximize"],
+                        c.params, c.grads, c.momentum_buffers if momentum != 0 else [], c.masks,
+                        c.first, lr, momentum, dampening, wd, group["nesterov"],
+                        group["maximize"],
                     )  # fmt: skip
                 else:
                     _ops._launch_sgd_step(
-                        params, grads, bufs, masks, first, lr, momentum, dampening, wd,
-                        group["nesterov"], group["maximize"],
+                        c.params, c.grads, c.momentum_buffers, c.masks, c.first, lr, momentum,
+                        dampening, wd, group["nesterov"], group["maximize"],
                     )  # fmt: skip
-                self._restart.difference_update(stepped)
+                self._restart.difference_update(c.stepped)
         return loss
+
+
+class _SGDLists:
+    """The tensor lists of one fused SGD call (``stepped``: the parameters themselves, whose
+    restart flag the step clears; ``params`` holds their local shards)."""
+
+    __slots__ = ("params", "grads", "momentum_buffers", "masks", "first", "stepped")
+
+    def __init__(self) -> None:
+        self.params, self.grads, self.momentum_buffers = [], [], []
+        self.masks, self.first, self.stepped = [], [], []

@@ -167,7 +167,7 @@ def rewind(
         _validate.like(s, p, "snapshot", name, layout=False)
         if m is not None:
             _validate.mask(m, p, name)
-        states = masked_opt._buffers_of(p) if masked_opt is not None else []
+        states = masked_opt.state_buffers(p) if masked_opt is not None else []
         if not _validate.is_dense(p) or not all(_validate.same_layout(b, p) for b in states):
             slow.append((p.detach(), s, m, states))
             continue
@@ -186,8 +186,8 @@ def rewind(
         b.copy_(snap[name])
 
     if masked_opt is not None:  # its buffers were zeroed in the pass above
-        masked_opt._restart_from(list(named.values()),
-                                 {named[n]: m for n, m in masks.items()}, False)  # fmt: skip
+        masked_opt.restart({named[n]: m for n, m in masks.items()}, named.values(),
+                           zero_buffers=False)  # fmt: skip
     elif optimizer is not None:
         optimizer.state.clear()
     if masks and masked_opt is None:
@@ -292,8 +292,7 @@ def reinitialize(
         p = named[name].detach()
         zero_pruned([p], m)
     if isinstance(optimizer, MaskedOptimizer):  # state reset + masks, as rewind does
-        optimizer._restart_from(list(named.values()),
-                                {named[n]: m for n, m in resolved.items()}, True)  # fmt: skip
+        optimizer.restart({named[n]: m for n, m in resolved.items()}, named.values())
     elif optimizer is not None:
         optimizer.state.clear()
     if resolved and not isinstance(optimizer, MaskedOptimizer):

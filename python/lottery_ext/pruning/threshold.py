@@ -3,65 +3,37 @@ without concatenating or copying them.
 
 The k-th smallest |w| is found by radix selection on the bit patterns of |w| (sign cleared:
 ordered like |w| for every non-NaN value, ±0 and ±inf included): one histogram pass per
-16-bit digit, most significant first (2 passes for float32, 4 for float64, 1 for 16-bit),
-each counting only the elements whose higher digits match those already selected. The
-histogram pass is its own op (``lottery_ext.ops.magnitude_histogram``) so that a sharded
+digit, most significant first, each counting only the elements whose higher digits match
+those already selected. The digit widths are per device (``_radix.passes``): 16 bits on the
+CPU (2 passes for float32, 4 for float64, 1 for 16-bit), at most 11 on CUDA (3, 6 and 2).
+The selection itself is ``lottery_ext._select``, shared with ``lottery_ext.distributed``.
+The histogram pass is its own op (``lottery_ext.ops.magnitude_histogram``) so that a sharded
 model can all-reduce the histograms between passes and get the exact global threshold: given
 DTensors, the functions here hand over to ``lottery_ext.distributed``, which does that.
+
+``torch.ops.lottery_ext.kth_smallest_magnitude`` is registered here, beside its kernel.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import torch
 
-from .. import _ops
-from ..distributed import is_dtensor
+from .. import _ops, _validate
+from .._radix import key_to_float
+from .._select import as_list as _as_list
+from .._select import as_masks as _as_masks
+from .._select import check_k as _check_k
+from .._select import labels as _names
+from .._select import select_key, select_keys
+from ..distributed import (
+    sharded_kth_smallest_magnitude,
+    sharded_prune_smallest,
+    sharded_prune_smallest_each,
+)
 
 Tensor = torch.Tensor
-
-# (shift, bits) of each radix pass, most significant digit first. The CPU takes 16-bit digits
-# (per-thread histograms of 64K bins, L2-resident); the GPU keeps its histograms in shared
-# memory, so digits of at most 11 bits.
-PASSES = {
-    torch.float32: ((15, 16), (0, 15)),
-    torch.float64: ((47, 16), (31, 16), (15, 16), (0, 15)),
-    torch.float16: ((0, 15),),
-    torch.bfloat16: ((0, 15),),
-}
-GPU_PASSES = {
-    torch.float32: ((20, 11), (10, 10), (0, 10)),
-    torch.float64: ((52, 11), (41, 11), (30, 11), (20, 10), (10, 10), (0, 10)),
-    torch.float16: ((4, 11), (0, 4)),
-    torch.bfloat16: ((4, 11), (0, 4)),
-}
-
-
-def passes(dtype: torch.dtype, device: torch.device) -> tuple[tuple[int, int], ...]:
-    return GPU_PASSES[dtype] if device.type == "cuda" else PASSES[dtype]
-
-
-def key_to_float(key: int, dtype: torch.dtype) -> float:
-    """The magnitude whose bit pattern (sign cleared) is `key`."""
-    if dtype == torch.float32:
-        return struct.unpack("<f", struct.pack("<I", key))[0]
-    if dtype == torch.float64:
-        return struct.unpack("<d", struct.pack("<Q", key))[0]
-    if dtype == torch.float16:
-        return struct.unpack("<e", struct.pack("<H", key))[0]
-    return struct.unpack("<f", struct.pack("<I", key << 16))[0]  # bfloat16
-
-
-def _as_list(tensors: Tensor | Sequence[Tensor]) -> list[Tensor]:
-    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
-
-
-def _as_masks(masks, n: int) -> list[Tensor | None]:
-    if masks is None:
-        return [None] * n
-    return [masks] if isinstance(masks, Tensor) else list(masks)
 
 
 def count_candidates(tensors: list[Tensor], masks: list[Tensor | None]) -> int:
@@ -71,99 +43,7 @@ def count_candidates(tensors: list[Tensor], masks: list[Tensor | None]) -> int:
 def _sharded(tensors: list[Tensor]) -> bool:
     """DTensors (FSDP2 shards): the exact global answer comes from ``lottery_ext.distributed``
     (a collective call: every rank of their mesh makes it)."""
-    return any(is_dtensor(t) for t in tensors)
-
-
-def _names(names: Sequence[str] | None, n: int) -> list[str]:
-    if names is None:
-        return [f"tensors[{i}]" for i in range(n)]
-    names = [str(x) for x in names]
-    if len(names) != n:
-        raise ValueError(f"names: {len(names)} names for {n} tensors")
-    return names
-
-
-def select_key(
-    tensors: list[Tensor],
-    masks: list[Tensor | None],
-    k: int,
-    names: list[str] | None = None,
-    reduce=None,
-) -> tuple[int, int]:
-    """(key of the k-th smallest candidate magnitude, number of candidates below that key).
-    Inputs must be validated (``_ops._check_candidates``). ``reduce(hist)``, when given,
-    sums each pass's histogram over the shards in place (``lottery_ext.distributed``)."""
-    dtype, device = tensors[0].dtype, tensors[0].device
-    prefix = prefix_mask = below = 0
-    for i, (shift, bits) in enumerate(passes(dtype, device)):
-        hist = torch.zeros((1 << bits) + 1, dtype=torch.int64, device=device)
-        _ops._launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
-        if reduce is not None:
-            reduce(hist)
-        counts = hist[:-1]
-        if i == 0:
-            nans = int(hist[-1])
-            if nans:
-                where = [n for n, t in zip(_names(names, len(tensors)), tensors)
-                         if bool(torch.isnan(t.detach()).any())]  # fmt: skip
-                where = where or ["a shard on another rank"]  # sharded: reduced counts
-                raise ValueError(
-                    f"{', '.join(where)}: {nans} NaN value(s) among the candidate weights; no "
-                    "magnitude threshold exists (did training diverge?)"
-                )
-            total = int(counts.sum())
-            if not 1 <= k <= total:
-                raise ValueError(f"k={k} is out of range: there are {total} candidate weights")
-        cum = counts.cumsum(0)
-        digit = int(torch.searchsorted(cum, torch.tensor(k - below, device=device)))
-        below += int(cum[digit - 1]) if digit else 0
-        prefix |= digit << shift
-        prefix_mask |= ((1 << bits) - 1) << shift
-    return prefix, below
-
-
-def select_keys(
-    tensors: list[Tensor],
-    masks: list[Tensor | None],
-    ks: list[int],
-    names: list[str],
-    reduce=None,
-) -> list[tuple[int, int]]:
-    """Per tensor i, on its own: (key of its ks[i]-th smallest candidate magnitude, number of
-    its candidates below that key). One batched histogram per radix pass for all tensors (one
-    GPU launch each). Inputs must be validated (``_ops._check_candidates``). ``reduce`` as
-    in ``select_key``."""
-    n = len(tensors)
-    dtype, device = tensors[0].dtype, tensors[0].device
-    prefixes, below, prefix_mask = [0] * n, [0] * n, 0
-    for i, (shift, bits) in enumerate(passes(dtype, device)):
-        hist = torch.zeros(n, (1 << bits) + 1, dtype=torch.int64, device=device)
-        _ops._launch_magnitude_histogram_batched(
-            tensors, masks, shift, bits, prefixes, prefix_mask, hist
-        )
-        if reduce is not None:
-            reduce(hist)
-        counts = hist[:, :-1]
-        if i == 0:
-            nans, totals = hist[:, -1].tolist(), counts.sum(1).tolist()
-            for j, (nan, total, k) in enumerate(zip(nans, totals, ks)):
-                if nan:
-                    raise ValueError(
-                        f"{names[j]}: {nan} NaN value(s) among the candidate weights; no "
-                        "magnitude threshold exists (did training diverge?)"
-                    )
-                if not 1 <= k <= total:
-                    raise ValueError(f"{names[j]}: count {k} is out of range: {total} candidates")
-        cum = counts.cumsum(1)
-        target = torch.tensor([k - b for k, b in zip(ks, below)], device=device).unsqueeze(1)
-        digits = torch.searchsorted(cum, target).squeeze(1)
-        prev = cum.gather(1, (digits - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        prev = torch.where(digits > 0, prev, 0)
-        for j, (d, p) in enumerate(zip(digits.tolist(), prev.tolist())):
-            below[j] += p
-            prefixes[j] |= d << shift
-        prefix_mask |= ((1 << bits) - 1) << shift
-    return list(zip(prefixes, below))
+    return any(_validate.is_dtensor(t) for t in tensors)
 
 
 def prune_smallest_each(
@@ -178,8 +58,6 @@ def prune_smallest_each(
     ``names`` label the tensors in error messages (default ``tensors[i]``)."""
     tensors = _as_list(tensors)
     if _sharded(tensors):
-        from ..distributed import sharded_prune_smallest_each
-
         return sharded_prune_smallest_each(tensors, counts, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
@@ -201,12 +79,6 @@ def prune_smallest_each(
     return out
 
 
-def _check_k(k: object, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    return k
-
-
 def kth_smallest_magnitude(
     tensors: Tensor | Sequence[Tensor],
     k: int,
@@ -221,8 +93,6 @@ def kth_smallest_magnitude(
     tensor (``names``, default ``tensors[i]``)."""
     tensors = _as_list(tensors)
     if _sharded(tensors):
-        from ..distributed import sharded_kth_smallest_magnitude
-
         return sharded_kth_smallest_magnitude(tensors, k, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
@@ -244,8 +114,6 @@ def prune_smallest(
     first. Already-pruned weights stay pruned. Returns one bool tensor per input tensor."""
     tensors = _as_list(tensors)
     if _sharded(tensors):
-        from ..distributed import sharded_prune_smallest
-
         return sharded_prune_smallest(tensors, count, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
@@ -260,6 +128,29 @@ def prune_smallest(
     with torch.no_grad():
         _ops._launch_threshold_mask(tensors, masks, out, key, count - below)
     return out
+
+
+# torch.ops.lottery_ext.kth_smallest_magnitude (the other ops are registered in _ops.py)
+
+
+@torch.library.custom_op("lottery_ext::kth_smallest_magnitude", mutates_args=())
+def _kth_smallest_magnitude_op(tensors: list[Tensor], k: int, masks: list[Tensor | None]) -> Tensor:
+    value = kth_smallest_magnitude(tensors, k, masks)
+    return torch.tensor(value, dtype=tensors[0].dtype, device=tensors[0].device)
+
+
+@_kth_smallest_magnitude_op.register_fake
+def _(tensors, k, masks) -> Tensor:
+    return tensors[0].new_empty(())
+
+
+def _kth_setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output)  # a threshold carries no gradient
+
+
+_kth_smallest_magnitude_op.register_autograd(
+    lambda ctx, grad: (None, None, None), setup_context=_kth_setup_context
+)
 
 
 __all__ = [
