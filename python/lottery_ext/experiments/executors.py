@@ -57,9 +57,8 @@ def run_unit(task, job: dict, send, progress=None) -> dict:
     next masks and (when it captures it) θk. `send(message)` receives mid-unit checkpoints
     ``("checkpoint", state)`` and θk ``("theta_k", trial, state_dict)`` as they happen."""
     from ..pruning.rewind import Snapshot
-    from .runner import make_pruner
     from .schedule import Unit
-    from .training import train_unit
+    from .training import make_pruner, train_unit
 
     cfg, unit = job["cfg"], Unit(*job["unit"])
     device = torch.device(cfg.device)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import MagnitudePruner
 from ..pruning.rewind import Snapshot, snapshot
 from .controls import CONTROLS, REGISTRY, random_masks
 from .data import load_dataset
@@ -43,6 +42,8 @@ from .training import (
     evaluate,
     lr_at,
     make_optimizer,
+    make_pruner,
+    pruner_recipe,
     seed_for,
     train_unit,
     weights_remaining,
@@ -54,19 +55,6 @@ __all__ = [
     "make_pruner", "pruner_recipe", "random_masks", "read_jsonl", "seed_for", "train_unit",
     "unit_key", "weights_remaining",
 ]  # fmt: skip
-
-
-def pruner_recipe(cfg: RunConfig) -> dict:
-    """The MagnitudePruner options of a run (also what ``find --dry-run`` shows)."""
-    if cfg.pruner_options is not None:  # TicketSearch: the user's recipe, as given
-        return dict(cfg.pruner_options)
-    layer_rates = {"conv": cfg.conv_rate} if cfg.conv_rate is not None else None
-    return dict(rate=cfg.rate, output_rate=cfg.output_rate, layer_rates=layer_rates,
-                scope=cfg.scope)  # fmt: skip
-
-
-def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
-    return MagnitudePruner(model, **pruner_recipe(cfg))
 
 
 class Experiment:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import MaskedAdam, MaskedAdamW, MaskedSGD
+from .. import MagnitudePruner, MaskedAdam, MaskedAdamW, MaskedSGD
 from .. import distributed as D
 from ..distributed import shard_batch, shard_rows, unwrap
 from .data import Batches, Dataset
@@ -25,6 +25,19 @@ def seed_for(cfg: RunConfig, *parts) -> int:
     """A seed per (trial, purpose, level...), stable across runs and Python versions."""
     text = ":".join(str(p) for p in (cfg.seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def pruner_recipe(cfg: RunConfig) -> dict:
+    """The MagnitudePruner options of a run (also what ``find --dry-run`` shows)."""
+    if cfg.pruner_options is not None:  # TicketSearch: the user's recipe, as given
+        return dict(cfg.pruner_options)
+    layer_rates = {"conv": cfg.conv_rate} if cfg.conv_rate is not None else None
+    return dict(rate=cfg.rate, output_rate=cfg.output_rate, layer_rates=layer_rates,
+                scope=cfg.scope)  # fmt: skip
+
+
+def make_pruner(cfg: RunConfig, model: nn.Module) -> MagnitudePruner:
+    return MagnitudePruner(model, **pruner_recipe(cfg))
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
