@@ -58,10 +58,13 @@ def format_step(seconds: float) -> str:
 
 def eval_examples(cfg: RunConfig) -> int:
     """Examples one evaluation runs through (validation and test split)."""
+    from .data import _DEFAULT_VAL
+
     _, _, n_train, n_test = DATA_SHAPES[cfg.dataset]
-    val = cfg.val_size if cfg.val_size is not None else (
-        n_train // 10 if cfg.dataset == "mnist1d" else 5000)  # fmt: skip
-    return val + n_test
+    if cfg.val_size is not None:
+        return cfg.val_size + n_test
+    # load_dataset's defaults: 10% of mnist1d's training set, else its table
+    return (n_train // 10 if cfg.dataset == "mnist1d" else _DEFAULT_VAL[cfg.dataset]) + n_test
 
 
 def rough_seconds(cfg: RunConfig, step_seconds: float) -> float:

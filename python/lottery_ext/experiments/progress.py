@@ -60,7 +60,7 @@ class Progress:
 
     def status(self, running: int, queued: int) -> None:
         """With workers: how many units are running and queued (shown in the bar)."""
-        if self.bar is not None and (running > 1 or queued and running != 1):
+        if self.bar is not None:
             self.bar.set_postfix_str(f"{running} running, {queued} queued", refresh=False)
 
     def update(self, n: int = 1) -> None:

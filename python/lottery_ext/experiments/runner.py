@@ -125,8 +125,12 @@ class Experiment:
         executor = self._executor(task_spec, bar)
         try:
             self._drive(todo, done, resumes, executor, bar)
-        finally:
+        except BaseException:  # a failure or Ctrl-C: stop the workers now
+            executor.shutdown(abort=True)
+            raise
+        else:
             executor.shutdown()
+        finally:
             bar.close()
         return self.run_dir.path
 
@@ -207,7 +211,8 @@ class Experiment:
                         bar.start_unit(self._name(u), self._first(u, resumes),
                                        self.cfg.iterations)  # fmt: skip
                         running[executor.submit(self._job(u, resumes.pop(u, None)))] = u
-                bar.status(len(running), len(pending))
+                if executor.capacity > 1:
+                    bar.status(len(running), len(pending))
                 finished_now, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
                 for message in executor.messages():
                     self._handle(message)
@@ -237,7 +242,6 @@ class Experiment:
             for fut in running:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self._finish(fut.result(), bar, parallel=True)
-            executor.shutdown(abort=True)
             raise
 
     def _name(self, u: tuple) -> str:
