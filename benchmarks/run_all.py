@@ -36,8 +36,29 @@ def capture(fn) -> str:
     return buf.getvalue().rstrip()
 
 
+def kept_sections(path: Path) -> list[str]:
+    """The hand-written sections of the previous RESULTS.md (a title ending in "(issue N),
+    <date>": figures measured by other means, e.g. farm-bench), kept after the tables."""
+    if not path.exists():
+        return []
+    out, keep = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            keep = "(issue " in line
+        if keep:
+            out.append(line)
+    return out + [""] if out else []
+
+
 def main() -> None:
-    from benchmarks import bench_optim, bench_rewind, bench_threshold, bench_train_loop, scaling
+    from benchmarks import (
+        bench_dispatch,
+        bench_optim,
+        bench_rewind,
+        bench_threshold,
+        bench_train_loop,
+        scaling,
+    )
 
     t0 = time.time()
     info = lx.build_info()
@@ -56,6 +77,7 @@ def main() -> None:
         ("Exact k-th smallest magnitude and pruning masks", bench_threshold),
         ("Rewind + optimizer state reset", bench_rewind),
         ("LeNet-300-100 training loop", bench_train_loop),
+        ("Call paths into the ops (per call, no cache flush)", bench_dispatch),
     ):
         print(f"== {title}", flush=True)
         text = capture(mod.main)
@@ -66,6 +88,7 @@ def main() -> None:
     sections += ["", "## Scaling (time vs N, log-log)", "", "![scaling](scaling.png)", "",
                  "```", scaling_text, "```"]  # fmt: skip
     sections += ["", f"(total benchmark time {(time.time() - t0) / 60:.1f} min)", ""]
+    sections += kept_sections(HERE / "RESULTS.md")
     (HERE / "RESULTS.md").write_text("\n".join(sections))
     print(f"wrote {HERE / 'RESULTS.md'}")
 

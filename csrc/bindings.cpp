@@ -1,17 +1,19 @@
 // The only pybind11 file: converts Python ints (tensor.data_ptr()) and floats into raw
-// pointers and scalars, releases the GIL, and calls the launchers in lottery/api.h (CPU) or
-// lottery/api_cuda.h (CUDA). No checks here beyond list lengths:
-// python/lottery_ext/_validate.py has already checked every tensor, and this module is
-// private (lottery_ext._core).
+// pointers and scalars, releases the GIL, and calls the launchers of lottery/api.h. No checks
+// here beyond list lengths: python/lottery_ext/_validate.py has already checked every tensor,
+// and this module is private (lottery_ext._core).
 //
-// Every op takes `device` and `stream` last: device < 0 runs the CPU launcher with `threads`
-// threads; device >= 0 runs the CUDA launcher on that device and on `stream` (the caller's
-// cudaStream_t as an integer).
+// The launchers of both backends have the same signatures, so every op is bound once, as a
+// template over the backend: _core.cpu always, _core.cuda in CUDA builds, with the same
+// functions. Every op ends with (threads, device, stream), the fields of lottery::Exec; each
+// backend reads the fields it needs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "lottery/api.h"
@@ -21,8 +23,40 @@
 namespace py = pybind11;
 using Ptrs = std::vector<uintptr_t>;
 using Sizes = std::vector<int64_t>;
+using lottery::DType;
+using lottery::Exec;
 
 namespace {
+
+// ---------------------------------------------------------------------------------------------
+// the backends: the same launchers from two namespaces
+
+struct Cpu {
+  static constexpr auto sgd_step = &lottery::cpu::sgd_step;
+  static constexpr auto adam_step = &lottery::cpu::adam_step;
+  static constexpr auto apply_mask = &lottery::cpu::apply_mask;
+  static constexpr auto magnitude_histogram = &lottery::cpu::magnitude_histogram;
+  static constexpr auto magnitude_histogram_batched = &lottery::cpu::magnitude_histogram_batched;
+  static constexpr auto threshold_mask_scratch_bytes = &lottery::cpu::threshold_mask_scratch_bytes;
+  static constexpr auto threshold_mask = &lottery::cpu::threshold_mask;
+  static constexpr auto rewind = &lottery::cpu::rewind;
+};
+
+#ifdef LOTTERY_EXT_WITH_CUDA
+struct Cuda {
+  static constexpr auto sgd_step = &lottery::cuda::sgd_step;
+  static constexpr auto adam_step = &lottery::cuda::adam_step;
+  static constexpr auto apply_mask = &lottery::cuda::apply_mask;
+  static constexpr auto magnitude_histogram = &lottery::cuda::magnitude_histogram;
+  static constexpr auto magnitude_histogram_batched = &lottery::cuda::magnitude_histogram_batched;
+  static constexpr auto threshold_mask_scratch_bytes = &lottery::cuda::threshold_mask_scratch_bytes;
+  static constexpr auto threshold_mask = &lottery::cuda::threshold_mask;
+  static constexpr auto rewind = &lottery::cuda::rewind;
+};
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// marshalling
 
 template <typename T>
 std::vector<T> as(const Ptrs& v) {
@@ -36,97 +70,63 @@ void same_length(size_t n, std::initializer_list<size_t> sizes) {
     if (s != n) throw std::invalid_argument("lottery_ext._core: tensor lists differ in length");
 }
 
-// Runs `cpu()` for device < 0, else `gpu(stream)`; without CUDA kernels a device >= 0 is an error
-// (Python checks this first and says how to rebuild).
-template <class Cpu, class Gpu>
-void on_device(int device, uintptr_t stream, Cpu&& cpu, Gpu&& gpu) {
-  if (device < 0) return cpu();
-#ifdef LOTTERY_EXT_WITH_CUDA
-  gpu(reinterpret_cast<void*>(stream));
-#else
-  (void)stream;
-  (void)gpu;
-  throw std::runtime_error("lottery_ext._core was built without CUDA kernels");
-#endif
+Exec exec_of(int threads, int device, uintptr_t stream) {
+  return Exec{threads, device, reinterpret_cast<void*>(stream)};
 }
 
+// momentum_buffers may be empty when args.momentum == 0 (then they are never read).
+template <class B>
 void sgd_step(int dtype, const Ptrs& params, const Ptrs& grads, const Ptrs& bufs, const Ptrs& masks,
-              const Sizes& numels, const std::vector<uint8_t>& first, double lr, double momentum,
-              double dampening, double weight_decay, bool nesterov, bool maximize, int threads,
-              int device, uintptr_t stream) {
+              const Sizes& numels, const std::vector<uint8_t>& first, const lottery::SgdArgs& args,
+              int threads, int device, uintptr_t stream) {
   const size_t n = params.size();
-  same_length(n, {grads.size(), bufs.size(), masks.size(), numels.size(), first.size()});
+  same_length(n, {grads.size(), masks.size(), numels.size(), first.size()});
+  if (args.momentum != 0.0) same_length(n, {bufs.size()});
   auto p = as<void*>(params), b = as<void*>(bufs);
   auto g = as<const void*>(grads);
   auto m = as<const uint8_t*>(masks);
-  const lottery::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  const auto dt = lottery::DType(dtype);
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] {
-        lottery::cpu::sgd_step(dt, n, p.data(), g.data(), b.data(), m.data(), numels.data(),
-                               first.data(), args, threads);
-      },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::sgd_step(dt, n, p.data(), g.data(), b.data(), m.data(), numels.data(),
-                                first.data(), args, device, s);
-#endif
-      });
+  B::sgd_step(DType(dtype), n, p.data(), g.data(), args.momentum != 0.0 ? b.data() : nullptr,
+              m.data(), numels.data(), first.data(), args, exec);
 }
 
+// max_exp_avg_sqs may be empty unless args.amsgrad; steps point to float32 host scalars.
+template <class B>
 void adam_step(int dtype, const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs,
                const Ptrs& exp_avg_sqs, const Ptrs& max_exp_avg_sqs, const Ptrs& masks,
-               const Sizes& numels, const Ptrs& steps, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-               int threads, int device, uintptr_t stream) {
+               const Sizes& numels, const Ptrs& steps, const lottery::AdamArgs& args, int threads,
+               int device, uintptr_t stream) {
   const size_t n = params.size();
   same_length(n, {grads.size(), exp_avgs.size(), exp_avg_sqs.size(), masks.size(), numels.size(),
                   steps.size()});
-  if (amsgrad) same_length(n, {max_exp_avg_sqs.size()});
+  if (args.amsgrad) same_length(n, {max_exp_avg_sqs.size()});
   auto p = as<void*>(params), m = as<void*>(exp_avgs), v = as<void*>(exp_avg_sqs);
-  auto vmax = amsgrad ? as<void*>(max_exp_avg_sqs) : std::vector<void*>(n, nullptr);
+  auto vmax = as<void*>(max_exp_avg_sqs);
   auto g = as<const void*>(grads);
   auto mk = as<const uint8_t*>(masks);
-  auto st = as<float*>(steps);  // CPU float32 step counters, on every device
-  const lottery::AdamArgs args{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled};
-  const auto dt = lottery::DType(dtype);
+  auto st = as<float*>(steps);
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] {
-        lottery::cpu::adam_step(dt, n, p.data(), g.data(), m.data(), v.data(), vmax.data(),
-                                mk.data(), numels.data(), st.data(), args, threads);
-      },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::adam_step(dt, n, p.data(), g.data(), m.data(), v.data(), vmax.data(),
-                                 mk.data(), numels.data(), st.data(), args, device, s);
-#endif
-      });
+  B::adam_step(DType(dtype), n, p.data(), g.data(), m.data(), v.data(),
+               args.amsgrad ? vmax.data() : nullptr, mk.data(), numels.data(), st.data(), args,
+               exec);
 }
 
+template <class B>
 void apply_mask(int dtype, const Ptrs& tensors, const Ptrs& masks, const Sizes& numels, int threads,
                 int device, uintptr_t stream) {
   const size_t n = tensors.size();
   same_length(n, {masks.size(), numels.size()});
   auto t = as<void*>(tensors);
   auto m = as<const uint8_t*>(masks);
-  const auto dt = lottery::DType(dtype);
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] { lottery::cpu::apply_mask(dt, n, t.data(), m.data(), numels.data(), threads); },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::apply_mask(dt, n, t.data(), m.data(), numels.data(), device, s);
-#endif
-      });
+  B::apply_mask(DType(dtype), n, t.data(), m.data(), numels.data(), exec);
 }
 
-// Adds digit counts into hist[0 .. 2^bits) and the NaN count into hist[2^bits] (int64, on the
-// tensors' device).
+// hist: 2^bits + 1 int64 (last: NaN count) on the tensors' device, accumulated into.
+template <class B>
 void magnitude_histogram(int dtype, const Ptrs& tensors, const Ptrs& masks, const Sizes& numels,
                          int shift, int bits, uint64_t prefix, uint64_t prefix_mask, uintptr_t hist,
                          int threads, int device, uintptr_t stream) {
@@ -135,27 +135,14 @@ void magnitude_histogram(int dtype, const Ptrs& tensors, const Ptrs& masks, cons
   auto t = as<const void*>(tensors);
   auto m = as<const uint8_t*>(masks);
   const lottery::DigitPass pass{shift, bits, prefix, prefix_mask};
-  auto* h = reinterpret_cast<int64_t*>(hist);
-  const auto dt = lottery::DType(dtype);
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] {
-        lottery::cpu::magnitude_histogram(dt, n, t.data(), m.data(), numels.data(), pass, h,
-                                          h + (int64_t(1) << bits), threads);
-      },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::magnitude_histogram(dt, n, t.data(), m.data(), numels.data(), pass, h,
-                                           device, s);
-#endif
-      });
+  B::magnitude_histogram(DType(dtype), n, t.data(), m.data(), numels.data(), pass,
+                         reinterpret_cast<int64_t*>(hist), exec);
 }
 
-// Per-tensor histograms in one call: tensor i matches its own prefixes[i] and counts into row i
-// of `hist` (n rows of 2^bits + 1 int64, last entry of a row = its NaN count). On the GPU this
-// is one launch for all tensors (per-layer thresholds); on the CPU each tensor is one threaded
-// pass.
+// hist: n rows of 2^bits + 1 int64; tensor i matches prefixes[i] and counts into row i.
+template <class B>
 void magnitude_histogram_batched(int dtype, const Ptrs& tensors, const Ptrs& masks,
                                  const Sizes& numels, int shift, int bits,
                                  const std::vector<uint64_t>& prefixes, uint64_t prefix_mask,
@@ -164,36 +151,19 @@ void magnitude_histogram_batched(int dtype, const Ptrs& tensors, const Ptrs& mas
   same_length(n, {masks.size(), numels.size(), prefixes.size()});
   auto t = as<const void*>(tensors);
   auto m = as<const uint8_t*>(masks);
-  auto* h = reinterpret_cast<int64_t*>(hist);
-  const int64_t row = (int64_t(1) << bits) + 1;
-  const auto dt = lottery::DType(dtype);
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] {
-        for (size_t i = 0; i < n; ++i) {
-          const lottery::DigitPass pass{shift, bits, prefixes[i], prefix_mask};
-          lottery::cpu::magnitude_histogram(dt, 1, &t[i], &m[i], &numels[i], pass, h + i * row,
-                                            h + i * row + row - 1, threads);
-        }
-      },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::magnitude_histogram_batched(dt, n, t.data(), m.data(), numels.data(), shift,
-                                                   bits, prefixes.data(), prefix_mask, h, device,
-                                                   s);
-#endif
-      });
+  B::magnitude_histogram_batched(DType(dtype), n, t.data(), m.data(), numels.data(), shift, bits,
+                                 prefixes.data(), prefix_mask, reinterpret_cast<int64_t*>(hist),
+                                 exec);
 }
 
-size_t threshold_mask_scratch_bytes([[maybe_unused]] const Sizes& numels) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-  return lottery::cuda::threshold_mask_scratch_bytes(numels.size(), numels.data());
-#else
-  return 0;
-#endif
+template <class B>
+size_t threshold_mask_scratch_bytes(const Sizes& numels) {
+  return B::threshold_mask_scratch_bytes(numels.size(), numels.data());
 }
 
+template <class B>
 void threshold_mask(int dtype, const Ptrs& tensors, const Ptrs& old_masks, const Ptrs& out_masks,
                     const Sizes& numels, uint64_t t_key, int64_t ties_to_prune, uintptr_t scratch,
                     size_t scratch_bytes, int threads, int device, uintptr_t stream) {
@@ -202,29 +172,17 @@ void threshold_mask(int dtype, const Ptrs& tensors, const Ptrs& old_masks, const
   auto t = as<const void*>(tensors);
   auto old = as<const uint8_t*>(old_masks);
   auto out = as<uint8_t*>(out_masks);
-  const auto dt = lottery::DType(dtype);
-  (void)scratch;
-  (void)scratch_bytes;
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] {
-        lottery::cpu::threshold_mask(dt, n, t.data(), old.data(), out.data(), numels.data(), t_key,
-                                     ties_to_prune, threads);
-      },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::threshold_mask(dt, n, t.data(), old.data(), out.data(), numels.data(), t_key,
-                                      ties_to_prune, reinterpret_cast<void*>(scratch),
-                                      scratch_bytes, device, s);
-#endif
-      });
+  B::threshold_mask(DType(dtype), n, t.data(), old.data(), out.data(), numels.data(), t_key,
+                    ties_to_prune, reinterpret_cast<void*>(scratch), scratch_bytes, exec);
 }
 
 // states: n * states_per_tensor pointers (0 = absent), tensor-major.
-void rewind_tensors(int dtype, const Ptrs& params, const Ptrs& snapshots, const Ptrs& masks,
-                    const Ptrs& states, size_t states_per_tensor, const Sizes& numels, int threads,
-                    int device, uintptr_t stream) {
+template <class B>
+void rewind(int dtype, const Ptrs& params, const Ptrs& snapshots, const Ptrs& masks,
+            const Ptrs& states, size_t states_per_tensor, const Sizes& numels, int threads,
+            int device, uintptr_t stream) {
   const size_t n = params.size();
   same_length(n, {snapshots.size(), masks.size(), numels.size()});
   if (states.size() != n * states_per_tensor)
@@ -232,20 +190,75 @@ void rewind_tensors(int dtype, const Ptrs& params, const Ptrs& snapshots, const 
   auto p = as<void*>(params), st = as<void*>(states);
   auto sn = as<const void*>(snapshots);
   auto m = as<const uint8_t*>(masks);
-  const auto dt = lottery::DType(dtype);
+  const Exec exec = exec_of(threads, device, stream);
   py::gil_scoped_release nogil;
-  on_device(
-      device, stream,
-      [&] {
-        lottery::cpu::rewind(dt, n, p.data(), sn.data(), m.data(), st.data(), states_per_tensor,
-                             numels.data(), threads);
-      },
-      [&]([[maybe_unused]] void* s) {
-#ifdef LOTTERY_EXT_WITH_CUDA
-        lottery::cuda::rewind(dt, n, p.data(), sn.data(), m.data(), st.data(), states_per_tensor,
-                              numels.data(), device, s);
-#endif
-      });
+  B::rewind(DType(dtype), n, p.data(), sn.data(), m.data(), st.data(), states_per_tensor,
+            numels.data(), exec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// registration
+
+template <class B>
+void bind_launchers(py::module_ m) {
+  // The argument names of an op: its own, then the fields of lottery::Exec.
+  const auto named = [](auto... names) {
+    return std::make_tuple(py::arg(names)..., py::arg("threads"), py::arg("device"),
+                           py::arg("stream"));
+  };
+  const auto def = [&](const char* name, auto f, auto args) {
+    std::apply([&](auto... a) { m.def(name, f, a...); }, args);
+  };
+  def("sgd_step", &sgd_step<B>,
+      named("dtype", "params", "grads", "momentum_buffers", "masks", "numels", "first", "args"));
+  def("adam_step", &adam_step<B>,
+      named("dtype", "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masks",
+            "numels", "steps", "args"));
+  def("apply_mask", &apply_mask<B>, named("dtype", "tensors", "masks", "numels"));
+  def("magnitude_histogram", &magnitude_histogram<B>,
+      named("dtype", "tensors", "masks", "numels", "shift", "bits", "prefix", "prefix_mask",
+            "hist"));
+  def("magnitude_histogram_batched", &magnitude_histogram_batched<B>,
+      named("dtype", "tensors", "masks", "numels", "shift", "bits", "prefixes", "prefix_mask",
+            "hist"));
+  m.def("threshold_mask_scratch_bytes", &threshold_mask_scratch_bytes<B>, py::arg("numels"));
+  def("threshold_mask", &threshold_mask<B>,
+      named("dtype", "tensors", "old_masks", "out_masks", "numels", "t_key", "ties_to_prune",
+            "scratch", "scratch_bytes"));
+  def("rewind", &rewind<B>,
+      named("dtype", "params", "snapshots", "masks", "states", "states_per_tensor", "numels"));
+}
+
+// A hyper-parameter struct as a Python class: keyword-only constructor, read-only attributes
+// and a repr, all from one list of (name, member) pairs.
+template <class M>
+struct Field {
+  const char* name;
+  M member;
+};
+template <class S, class V>
+Field<V S::*> field(const char* name, V S::* member) {
+  return {name, member};
+}
+
+template <class S, class... V>
+void bind_args(py::module_ m, const char* cls_name, Field<V S::*>... fields) {
+  py::class_<S> cls(m, cls_name);
+  cls.def(py::init([fields...](V... values) {
+            S s{};
+            ((s.*fields.member = values), ...);
+            return s;
+          }),
+          py::kw_only(), py::arg(fields.name)...);
+  (cls.def_readonly(fields.name, fields.member), ...);
+  cls.def("__repr__", [cls_name, fields...](const S& s) {
+    std::string r = std::string(cls_name) + "(";
+    const char* sep = "";
+    ((r += sep + std::string(fields.name) + "=" + std::string(py::repr(py::cast(s.*fields.member))),
+      sep = ", "),
+     ...);
+    return r + ")";
+  });
 }
 
 py::dict build_config() {
@@ -275,16 +288,23 @@ py::dict build_config() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lottery_ext compiled core (libtorch-free): raw pointers in, kernels out.";
-  m.def("sgd_step", &sgd_step);
-  m.def("adam_step", &adam_step);
-  m.def("apply_mask", &apply_mask);
-  m.def("magnitude_histogram", &magnitude_histogram);
-  m.def("magnitude_histogram_batched", &magnitude_histogram_batched);
-  m.def("threshold_mask_scratch_bytes", &threshold_mask_scratch_bytes);
-  m.def("threshold_mask", &threshold_mask);
-  m.def("rewind", &rewind_tensors);
-  m.def("build_config", &build_config);
+  using lottery::AdamArgs;
+  using lottery::SgdArgs;
+  bind_args<SgdArgs>(m, "SgdArgs", field("lr", &SgdArgs::lr), field("momentum", &SgdArgs::momentum),
+                     field("dampening", &SgdArgs::dampening),
+                     field("weight_decay", &SgdArgs::weight_decay),
+                     field("nesterov", &SgdArgs::nesterov), field("maximize", &SgdArgs::maximize));
+  bind_args<AdamArgs>(m, "AdamArgs", field("lr", &AdamArgs::lr), field("beta1", &AdamArgs::beta1),
+                      field("beta2", &AdamArgs::beta2), field("eps", &AdamArgs::eps),
+                      field("weight_decay", &AdamArgs::weight_decay),
+                      field("amsgrad", &AdamArgs::amsgrad), field("maximize", &AdamArgs::maximize),
+                      field("decoupled", &AdamArgs::decoupled));
+  bind_launchers<Cpu>(m.def_submodule("cpu", "CPU launchers: host pointers, `threads` threads."));
 #ifdef LOTTERY_EXT_WITH_CUDA
-  m.def("cuda_device_count", &lottery::cuda::device_count);
+  py::module_ cuda = m.def_submodule(
+      "cuda", "CUDA launchers: device pointers, on `device` and `stream` (a cudaStream_t).");
+  bind_launchers<Cuda>(cuda);
+  cuda.def("device_count", &lottery::cuda::device_count);
 #endif
+  m.def("build_config", &build_config);
 }

@@ -297,7 +297,7 @@ def test_cuda_build_and_dispatch():
     info = lottery_ext.build_info()
     assert info["cuda"] is True and info["native"] is True
     assert isinstance(info["cuda_version"], str) and info["cuda_version"]
-    assert lottery_ext._native.core.cuda_device_count() == torch.cuda.device_count()
+    assert lottery_ext._native.core.cuda.device_count() == torch.cuda.device_count()
     assert lottery_ext._ops.uses_native(CUDA), "ops on CUDA tensors should run the CUDA kernels"
 
 
@@ -380,12 +380,14 @@ def test_quick_misaligned_tensors(dtype):
             lists = [[offset_copy(t, r) for t in lst] for lst, r in zip(lists, roles)]
             steps = [torch.tensor(3.0) for _ in shapes]
             ops.adam_step(
-                *lists[:5], lists[5], steps, 1e-2, 0.9, 0.999, 1e-8, 1e-2, True, False, True
-            )
+                *lists[:5], lists[5], steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=1e-2, amsgrad=True, maximize=False, decoupled=True,
+            )  # fmt: skip
             first = [False, True, False]
             ops.sgd_step(
-                lists[0], lists[1], lists[2], lists[5], first, 0.1, 0.9, 0.1, 1e-3, False, True
-            )
+                lists[0], lists[1], lists[2], lists[5], first, lr=0.1, momentum=0.9,
+                dampening=0.1, weight_decay=1e-3, nesterov=False, maximize=True,
+            )  # fmt: skip
             ops.apply_mask(lists[3], lists[5])
             return [t for lst in lists[:5] for t in lst] + [float(s) for s in steps]
 

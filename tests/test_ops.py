@@ -109,6 +109,12 @@ def clone_args(kw: dict) -> dict:
     }
 
 
+def split(kw: dict) -> tuple[tuple, dict]:
+    """(positional arguments, keyword-only hyper-parameters) of a call, for opcheck."""
+    kwargs = {k: v for k, v in kw.items() if not isinstance(v, list)}
+    return tuple(v for v in kw.values() if isinstance(v, list)), kwargs
+
+
 MUTATED = {
     "sgd_step": ("params", "momentum_buffers"),
     "adam_step": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
@@ -133,7 +139,7 @@ MUTATED = {
 def test_opcheck_sgd_step(with_masks, hp):
     kw = sgd_args(SMALL_SHAPES, with_masks=with_masks, **hp)
     torch.library.opcheck(
-        torch.ops.lottery_ext.sgd_step_.default, tuple(kw.values()), test_utils=OPCHECK_TESTS
+        torch.ops.lottery_ext.sgd_step_.default, *split(kw), test_utils=OPCHECK_TESTS
     )
 
 
@@ -143,7 +149,7 @@ def test_opcheck_sgd_step(with_masks, hp):
 def test_opcheck_adam_step(with_masks, amsgrad, decoupled):
     kw = adam_args(SMALL_SHAPES, with_masks=with_masks, amsgrad=amsgrad, decoupled=decoupled)
     torch.library.opcheck(
-        torch.ops.lottery_ext.adam_step_.default, tuple(kw.values()), test_utils=OPCHECK_TESTS
+        torch.ops.lottery_ext.adam_step_.default, *split(kw), test_utils=OPCHECK_TESTS
     )
 
 
@@ -151,7 +157,7 @@ def test_opcheck_adam_step(with_masks, amsgrad, decoupled):
 def test_opcheck_apply_mask(dtype):
     kw = mask_args(SMALL_SHAPES, dtype)
     torch.library.opcheck(
-        torch.ops.lottery_ext.apply_mask_.default, tuple(kw.values()), test_utils=OPCHECK_TESTS
+        torch.ops.lottery_ext.apply_mask_.default, *split(kw), test_utils=OPCHECK_TESTS
     )
 
 
@@ -164,7 +170,7 @@ def test_custom_ops_mutate_in_place_like_the_python_api():
     ]:
         a, b = make(), make()
         getattr(lottery_ext.ops, name)(**a)
-        getattr(torch.ops.lottery_ext, name + "_")(*b.values())
+        getattr(torch.ops.lottery_ext, name + "_")(**b)
         changed = False
         for key in MUTATED[name]:
             for x, y, orig in zip(a[key], b[key], make()[key]):
@@ -173,14 +179,81 @@ def test_custom_ops_mutate_in_place_like_the_python_api():
         assert changed, name
 
 
+@pytest.mark.parametrize("op", _ops.OPS, ids=lambda op: op.__name__)
+def test_every_op_is_registered_with_its_kernels(op):
+    # one table: the kernels torch.ops dispatches to are the ones eager calls pick
+    overload = getattr(torch.ops.lottery_ext, op.name + "_").default
+    assert overload is op.overload
+    for device_type in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(overload.name(), device_type)
+    if lottery_ext._native.core is not None:
+        assert op.kernel(torch.device("cpu")) is op.kernels["cpu"]
+        with _ops.reference_backend():
+            assert op.kernel(torch.device("cpu")) == op._reference
+    assert op.kernel(torch.device("meta")) == op._reference
+
+
+def test_hyper_parameters_are_keyword_only():
+    kw = adam_args(SMALL_SHAPES)
+    args, hyper = split(kw)
+    with pytest.raises(
+        TypeError, match=r"adam_step\(\) takes 7 positional arguments .* by keyword"
+    ):
+        lottery_ext.ops.adam_step(*args, *hyper.values())
+    with pytest.raises(TypeError, match="missing required argument.*lr"):
+        lottery_ext.ops.adam_step(*args)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'betas'"):
+        lottery_ext.ops.adam_step(*args, lr=0.1, betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match="multiple values for argument 'params'"):
+        lottery_ext.ops.adam_step(*args, params=args[0], lr=0.1)
+    import inspect
+
+    sig = inspect.signature(lottery_ext.ops.adam_step)
+    assert sig.parameters["lr"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert sig.parameters["beta2"].default == 0.999
+    # the registered op still takes them by position (inductor's generated code does)
+    a, b = adam_args(SMALL_SHAPES), adam_args(SMALL_SHAPES)
+    torch.ops.lottery_ext.adam_step_(*a.values())
+    lottery_ext.ops.adam_step(*split(b)[0], **split(b)[1])
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+
+
+def test_hyper_parameters_cross_as_named_objects():
+    core = lottery_ext._native.core
+    if core is None:
+        pytest.skip("compiled core not loaded")
+    args = core.AdamArgs(**{**_ops.adam_step.defaults, "lr": 0.5})
+    assert (args.lr, args.beta1, args.beta2, args.eps) == (0.5, 0.9, 0.999, 1e-8)
+    assert "AdamArgs(lr=0.5" in repr(args)
+    with pytest.raises(TypeError):
+        core.AdamArgs(0.5, 0.9, 0.999, 1e-8, 0.0, False, False, False)  # keyword-only
+    with pytest.raises(TypeError):
+        core.SgdArgs(lr=0.1)  # every field named: none silently defaulted
+    sgd = core.SgdArgs(**{**_ops.sgd_step.defaults, "lr": 1.0})
+    assert set(_ops.sgd_step.keywords) == {k for k in dir(sgd) if not k.startswith("_")}
+
+
+def test_cpu_launcher_leaves_unmasked_tensors_alone():
+    # a null mask means "unmasked" on the CPU as on CUDA (it used to be dereferenced)
+    core = lottery_ext._native.core
+    if core is None:
+        pytest.skip("compiled core not loaded")
+    a, b = torch.randn(1000), torch.randn(1000)
+    before, m = a.clone(), torch.rand(1000) < 0.5
+    core.cpu.apply_mask(0, [a.data_ptr(), b.data_ptr()], [0, m.data_ptr()], [1000, 1000],
+                        2, -1, 0)  # fmt: skip
+    assert torch.equal(a, before) and torch.equal(b == 0, ~m | (b == 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 
 
 def _adam_fn(ps, gs, ms, vs, vmaxs, masks, steps):
     torch.ops.lottery_ext.adam_step_(
-        ps, gs, ms, vs, vmaxs, masks, steps, 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False, False
-    )
+        ps, gs, ms, vs, vmaxs, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+        weight_decay=0.01, amsgrad=True, maximize=False, decoupled=False,
+    )  # fmt: skip
     return ps[0].sum()
 
 

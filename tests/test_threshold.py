@@ -881,6 +881,36 @@ def test_opcheck_threshold_mask():
     assert n_candidates(tensors, masks) - sum(int(o.sum()) for o in outs) == below
 
 
+def test_opcheck_magnitude_histogram_batched():
+    tensors, masks = _opcheck_inputs()
+    prefixes = [0, 1 << 30, 0]
+    hist = torch.zeros(3, (1 << 16) + 1, dtype=torch.int64)
+    args = (tensors, masks, 14, 16, prefixes, 1 << 30)
+    torch.library.opcheck(torch.ops.lottery_ext.magnitude_histogram_batched_.default, (*args, hist))
+    # each row is that tensor's own histogram, on the compiled core and on the reference
+    for ctx in (contextlib.nullcontext, _ops.reference_backend):
+        got = torch.zeros(3, (1 << 16) + 1, dtype=torch.int64)
+        with ctx():
+            ops.magnitude_histogram_batched(*args, got)
+        for i, (t, m, prefix) in enumerate(zip(tensors, masks, prefixes)):
+            row = torch.zeros((1 << 16) + 1, dtype=torch.int64)
+            ops.magnitude_histogram([t], [m], 14, 16, prefix, 1 << 30, row)
+            assert torch.equal(got[i], row), i
+        assert int(got.sum()) > 0
+
+
+def test_histogram_batched_checks_its_rows():
+    tensors, masks = _opcheck_inputs()
+    with pytest.raises(ValueError, match="hist: expected 3 rows"):
+        ops.magnitude_histogram_batched(
+            tensors, masks, 0, 16, [0, 0, 0], 0, torch.zeros(2, (1 << 16) + 1, dtype=torch.int64)
+        )
+    with pytest.raises(ValueError, match="tensor lists differ in length"):
+        ops.magnitude_histogram_batched(
+            tensors, masks, 0, 16, [0, 0], 0, torch.zeros(3, (1 << 16) + 1, dtype=torch.int64)
+        )
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 def test_opcheck_kth_smallest_magnitude(dtype):
     tensors, masks = _opcheck_inputs()

@@ -1,6 +1,5 @@
 // CPU launchers for the masked optimizer updates: one pass over memory per tensor,
 // the math from lottery/math.h, threads from parallel.h.
-#include <cmath>
 #include <vector>
 
 #include "lottery/api.h"
@@ -51,14 +50,12 @@ void mask_range(T* __restrict x, const uint8_t* __restrict mask, int64_t b, int6
 
 void sgd_step(DType dtype, size_t n, void* const* params, const void* const* grads,
               void* const* bufs, const uint8_t* const* masks, const int64_t* numels,
-              const uint8_t* first, const SgdArgs& a, int threads) {
+              const uint8_t* first, const SgdArgs& a, const Exec& exec) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using Op = OpMath<T>;
-    const SgdMath<Op> f{Op(a.lr),           Op(a.momentum), Op(1.0 - a.dampening),
-                        Op(a.weight_decay), a.nesterov,     a.maximize};
+    const SgdMath<OpMath<T>> f = make_sgd_math<OpMath<T>>(a);
     const bool has_buf = a.momentum != 0.0;
-    for_each_range(n, numels, threads, [&](size_t t, int64_t b, int64_t e) {
+    for_each_range(n, numels, exec.threads, [&](size_t t, int64_t b, int64_t e) {
       T* p = static_cast<T*>(params[t]);
       const T* g = static_cast<const T*>(grads[t]);
       T* buf = has_buf ? static_cast<T*>(bufs[t]) : nullptr;
@@ -79,18 +76,12 @@ void sgd_step(DType dtype, size_t n, void* const* params, const void* const* gra
 void adam_step(DType dtype, size_t n, void* const* params, const void* const* grads,
                void* const* exp_avgs, void* const* exp_avg_sqs, void* const* max_exp_avg_sqs,
                const uint8_t* const* masks, const int64_t* numels, float* const* steps,
-               const AdamArgs& a, int threads) {
+               const AdamArgs& a, const Exec& exec) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using Op = OpMath<T>;
     // Per-tensor scalars first (each tensor has its own step count, as in torch.optim).
-    std::vector<AdamMath<Op>> fs(n);
-    for (size_t t = 0; t < n; ++t) {
-      *steps[t] += 1.0f;
-      fs[t] = make_adam_math<Op>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled,
-                                 a.maximize, double(*steps[t]));
-    }
-    for_each_range(n, numels, threads, [&](size_t t, int64_t b, int64_t e) {
+    const std::vector<AdamMath<OpMath<T>>> fs = advance_adam_steps<OpMath<T>>(a, n, steps);
+    for_each_range(n, numels, exec.threads, [&](size_t t, int64_t b, int64_t e) {
       T* p = static_cast<T*>(params[t]);
       const T* g = static_cast<const T*>(grads[t]);
       T* m = static_cast<T*>(exp_avgs[t]);
@@ -110,10 +101,15 @@ void adam_step(DType dtype, size_t n, void* const* params, const void* const* gr
 }
 
 void apply_mask(DType dtype, size_t n, void* const* tensors, const uint8_t* const* masks,
-                const int64_t* numels, int threads) {
+                const int64_t* numels, const Exec& exec) {
+  // Unmasked tensors have nothing to do: count them as empty, so the threads split only the
+  // masked elements (and never read a null mask).
+  std::vector<int64_t> todo(numels, numels + n);
+  for (size_t t = 0; t < n; ++t)
+    if (!masks[t]) todo[t] = 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    for_each_range(n, numels, threads, [&](size_t t, int64_t b, int64_t e) {
+    for_each_range(n, todo.data(), exec.threads, [&](size_t t, int64_t b, int64_t e) {
       mask_range<T>(static_cast<T*>(tensors[t]), masks[t], b, e);
     });
   });

@@ -9,11 +9,11 @@ namespace lottery::cpu {
 
 void rewind(DType dtype, size_t n, void* const* params, const void* const* snapshots,
             const uint8_t* const* masks, void* const* states, size_t states_per_tensor,
-            const int64_t* numels, int threads) {
+            const int64_t* numels, const Exec& exec) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const RewindValue f;
-    for_each_range(n, numels, threads, [&](size_t t, int64_t b, int64_t e) {
+    for_each_range(n, numels, exec.threads, [&](size_t t, int64_t b, int64_t e) {
       T* __restrict p = static_cast<T*>(params[t]);
       const T* __restrict s = static_cast<const T*>(snapshots[t]);
       const uint8_t* __restrict m = masks[t];

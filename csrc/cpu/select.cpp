@@ -1,5 +1,6 @@
 // CPU launchers for exact magnitude selection (lottery/select.h): radix histograms over a
-// list of tensors without concatenating them, and exact-count mask construction.
+// list of tensors without concatenating them (one histogram, or one per tensor), and
+// exact-count mask construction (two passes over host memory: no scratch needed).
 #include "lottery/select.h"
 
 #include <vector>
@@ -66,9 +67,9 @@ int64_t count_ties(const T* __restrict x, const uint8_t* __restrict mask, uint64
 
 void magnitude_histogram(DType dtype, size_t n, const void* const* tensors,
                          const uint8_t* const* masks, const int64_t* numels, const DigitPass& pass,
-                         int64_t* hist, int64_t* nan_count, int threads) {
+                         int64_t* hist, const Exec& exec) {
   const int64_t bins = int64_t(1) << pass.bits;
-  const int parts = plan_parts(n, numels, threads);
+  const int parts = plan_parts(n, numels, exec.threads);
   // Per-part histograms: memory bounded by threads x bins, never by N.
   std::vector<int64_t> local(size_t(parts) * bins, 0), nans(parts, 0);
   std::vector<uint32_t> counts(size_t(parts) * bins, 0);
@@ -85,16 +86,31 @@ void magnitude_histogram(DType dtype, size_t n, const void* const* tensors,
     });
   });
   for (int part = 0; part < parts; ++part) {
-    *nan_count += nans[part];
+    hist[bins] += nans[part];
     const int64_t* h = local.data() + size_t(part) * bins;
     for (int64_t i = 0; i < bins; ++i) hist[i] += h[i];
   }
 }
 
+// One threaded pass per tensor: the per-layer lists are a few large tensors, each of which
+// fills the threads on its own.
+void magnitude_histogram_batched(DType dtype, size_t n, const void* const* tensors,
+                                 const uint8_t* const* masks, const int64_t* numels, int shift,
+                                 int bits, const uint64_t* prefixes, uint64_t prefix_mask,
+                                 int64_t* hist, const Exec& exec) {
+  const size_t row = (size_t(1) << bits) + 1;
+  for (size_t i = 0; i < n; ++i)
+    magnitude_histogram(dtype, 1, tensors + i, masks + i, numels + i,
+                        DigitPass{shift, bits, prefixes[i], prefix_mask}, hist + i * row, exec);
+}
+
+size_t threshold_mask_scratch_bytes(size_t, const int64_t*) { return 0; }
+
 void threshold_mask(DType dtype, size_t n, const void* const* tensors,
                     const uint8_t* const* old_masks, uint8_t* const* out_masks,
-                    const int64_t* numels, uint64_t t_key, int64_t ties_to_prune, int threads) {
-  const int parts = plan_parts(n, numels, threads);
+                    const int64_t* numels, uint64_t t_key, int64_t ties_to_prune, void*, size_t,
+                    const Exec& exec) {
+  const int parts = plan_parts(n, numels, exec.threads);
   std::vector<int64_t> ties(size_t(parts) + 1, 0);  // ties per part, then prefix sums
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -2,7 +2,7 @@
 // live beside it: optim.cu, select.cu and rewind.cu.
 #include <cuda_runtime.h>
 
-#include "lottery/api.h"
+#include "lottery/api_cuda.h"
 
 namespace lottery::cuda {
 

@@ -152,16 +152,14 @@ struct MaskFunctor {
 
 void sgd_step(DType dtype, size_t n, void* const* params, const void* const* grads,
               void* const* bufs, const uint8_t* const* masks, const int64_t* numels,
-              const uint8_t* first, const SgdArgs& a, int device, void* stream) {
+              const uint8_t* first, const SgdArgs& a, const Exec& exec) {
   if (n == 0) return;
-  const detail::DeviceGuard guard(device);
-  const auto s = static_cast<cudaStream_t>(stream);
+  const detail::DeviceGuard guard(exec.device);
+  const auto s = static_cast<cudaStream_t>(exec.stream);
   const bool has_buf = a.momentum != 0.0;
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using Op = OpMath<T>;
-    const SgdMath<Op> math{Op(a.lr),           Op(a.momentum), Op(1.0 - a.dampening),
-                           Op(a.weight_decay), a.nesterov,     a.maximize};
+    const SgdMath<OpMath<T>> math = make_sgd_math<OpMath<T>>(a);
     const auto fill = [&](auto& meta, int slot, size_t t) {
       meta.ptrs[0][slot] = params[t];
       meta.ptrs[1][slot] = const_cast<void*>(grads[t]);
@@ -180,22 +178,17 @@ void sgd_step(DType dtype, size_t n, void* const* params, const void* const* gra
 
 void adam_step(DType dtype, size_t n, void* const* params, const void* const* grads,
                void* const* exp_avgs, void* const* exp_avg_sqs, void* const* max_exp_avg_sqs,
-               const uint8_t* const* masks, const int64_t* numels, float* const* host_steps,
-               const AdamArgs& a, int device, void* stream) {
+               const uint8_t* const* masks, const int64_t* numels, float* const* steps,
+               const AdamArgs& a, const Exec& exec) {
   if (n == 0) return;
-  const detail::DeviceGuard guard(device);
-  const auto s = static_cast<cudaStream_t>(stream);
+  const detail::DeviceGuard guard(exec.device);
+  const auto s = static_cast<cudaStream_t>(exec.stream);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = OpMath<T>;
-    // Per-tensor scalars on the host, as csrc/cpu/optim.cpp does: each tensor has its own step
-    // count (torch.optim's CPU float32 scalar), incremented here, bias corrections in double.
-    std::vector<AdamMath<Op>> fs(n);
-    for (size_t t = 0; t < n; ++t) {
-      *host_steps[t] += 1.0f;
-      fs[t] = make_adam_math<Op>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled,
-                                 a.maximize, double(*host_steps[t]));
-    }
+    // Per-tensor scalars on the host (the step counters are host memory), the same code as
+    // the CPU launcher: each tensor has its own step count, bias corrections in double.
+    const std::vector<AdamMath<Op>> fs = advance_adam_steps<Op>(a, n, steps);
     const auto fill = [&](auto& meta, int slot, size_t t) {
       meta.ptrs[0][slot] = params[t];
       meta.ptrs[1][slot] = const_cast<void*>(grads[t]);
@@ -215,7 +208,7 @@ void adam_step(DType dtype, size_t n, void* const* params, const void* const* gr
 }
 
 void apply_mask(DType dtype, size_t n, void* const* tensors, const uint8_t* const* masks,
-                const int64_t* numels, int device, void* stream) {
+                const int64_t* numels, const Exec& exec) {
   if (n == 0) return;
   // Unmasked tensors have nothing to do: leave them out of the launch.
   std::vector<int64_t> todo(numels, numels + n);
@@ -225,8 +218,8 @@ void apply_mask(DType dtype, size_t n, void* const* tensors, const uint8_t* cons
     any = any || todo[t] > 0;
   }
   if (!any) return;
-  const detail::DeviceGuard guard(device);
-  const auto s = static_cast<cudaStream_t>(stream);
+  const detail::DeviceGuard guard(exec.device);
+  const auto s = static_cast<cudaStream_t>(exec.stream);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto fill = [&](auto& meta, int slot, size_t t) {

@@ -76,10 +76,10 @@ struct RewindFunctor {
 
 void rewind(DType dtype, size_t n, void* const* params, const void* const* snapshots,
             const uint8_t* const* masks, void* const* states, size_t states_per_tensor,
-            const int64_t* numels, int device, void* stream) {
+            const int64_t* numels, const Exec& exec) {
   if (n == 0) return;
-  const detail::DeviceGuard guard(device);
-  const auto s = static_cast<cudaStream_t>(stream);
+  const detail::DeviceGuard guard(exec.device);
+  const auto s = static_cast<cudaStream_t>(exec.stream);
   const size_t fused =
       states_per_tensor < size_t(kFusedStates) ? states_per_tensor : size_t(kFusedStates);
   detail::dispatch_dtype(dtype, [&](auto tag) {

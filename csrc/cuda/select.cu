@@ -461,24 +461,24 @@ int64_t plan_masks(size_t n, const void* const* tensors, const uint8_t* const* o
 
 void magnitude_histogram(DType dtype, size_t n, const void* const* tensors,
                          const uint8_t* const* masks, const int64_t* numels, const DigitPass& pass,
-                         int64_t* hist, int device, void* stream) {
+                         int64_t* hist, const Exec& exec) {
   check_pass(pass.shift, pass.bits, "magnitude_histogram");
   int64_t total = 0;
   for (size_t t = 0; t < n; ++t) total += numels[t] > 0 ? numels[t] : 0;
   if (total == 0) return;
   if (!hist) throw std::invalid_argument("magnitude_histogram: hist is null");
-  const detail::DeviceGuard guard(device);
+  const detail::DeviceGuard guard(exec.device);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_histograms<T, false>("magnitude_histogram", n, tensors, masks, numels, pass, nullptr,
-                                hist, device, static_cast<cudaStream_t>(stream));
+                                hist, exec.device, static_cast<cudaStream_t>(exec.stream));
   });
 }
 
 void magnitude_histogram_batched(DType dtype, size_t n, const void* const* tensors,
                                  const uint8_t* const* masks, const int64_t* numels, int shift,
                                  int bits, const uint64_t* prefixes, uint64_t prefix_mask,
-                                 int64_t* hist, int device, void* stream) {
+                                 int64_t* hist, const Exec& exec) {
   check_pass(shift, bits, "magnitude_histogram_batched");
   int64_t total = 0;
   for (size_t t = 0; t < n; ++t) total += numels[t] > 0 ? numels[t] : 0;
@@ -486,11 +486,11 @@ void magnitude_histogram_batched(DType dtype, size_t n, const void* const* tenso
   if (!hist || !prefixes)
     throw std::invalid_argument("magnitude_histogram_batched: hist or prefixes is null");
   const DigitPass pass{shift, bits, 0, prefix_mask};
-  const detail::DeviceGuard guard(device);
+  const detail::DeviceGuard guard(exec.device);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_histograms<T, true>("magnitude_histogram_batched", n, tensors, masks, numels, pass,
-                               prefixes, hist, device, static_cast<cudaStream_t>(stream));
+                               prefixes, hist, exec.device, static_cast<cudaStream_t>(exec.stream));
   });
 }
 
@@ -503,7 +503,7 @@ size_t threshold_mask_scratch_bytes(size_t n, const int64_t* numels) {
 void threshold_mask(DType dtype, size_t n, const void* const* tensors,
                     const uint8_t* const* old_masks, uint8_t* const* out_masks,
                     const int64_t* numels, uint64_t t_key, int64_t ties_to_prune, void* scratch,
-                    size_t scratch_bytes, int device, void* stream) {
+                    size_t scratch_bytes, const Exec& exec) {
   if (ties_to_prune < 0) throw std::invalid_argument("threshold_mask: ties_to_prune < 0");
   std::vector<MaskMeta> metas;
   const int64_t tiles = plan_masks(n, tensors, old_masks, out_masks, numels, metas);
@@ -518,8 +518,8 @@ void threshold_mask(DType dtype, size_t n, const void* const* tensors,
       throw std::invalid_argument("threshold_mask: scratch is not 8-byte aligned");
     scan = static_cast<int64_t*>(scratch);
   }
-  const detail::DeviceGuard guard(device);
-  const auto s = static_cast<cudaStream_t>(stream);
+  const detail::DeviceGuard guard(exec.device);
+  const auto s = static_cast<cudaStream_t>(exec.stream);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (scan) {

@@ -41,6 +41,7 @@ import torch as _torch
 
 from . import _native
 from . import _ops as ops
+from ._version import __version__
 from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from .pruning import (
     MagnitudePruner,
@@ -57,9 +58,6 @@ from .pruning import (
     snapshot,
     to_torch_prune,
 )
-
-__version__ = "0.1.0"
-
 from .search import TicketSearch  # noqa: E402
 from .ticket import Ticket, load_ticket  # noqa: E402
 

@@ -1,25 +1,37 @@
-"""The ops: validated entry points, the launch onto the compiled core (or the reference),
-and their ``torch.library`` registrations (``torch.ops.lottery_ext.*``) with fake kernels so
-they compose with ``torch.compile``.
+"""The ops, each defined once: its schema, its kernels, its validation. Registered as
+``torch.ops.lottery_ext.<name>_`` and callable as ``lottery_ext.ops.<name>``.
 
-Each op exists as:
-- ``<op>(...)``: public, validates (``_validate``) then launches;
-- ``_launch_<op>(...)``: no checks, for callers that validated already (the optimizers);
-- ``torch.ops.lottery_ext.<op>``: the custom op, whose kernel is ``<op>(...)``.
+Each op has three kernels, and every one of them first runs the op's checks
+(``_validate.<name>``; a few attribute reads when the inputs are plain contiguous tensors):
+- ``"cpu"``: the compiled CPU launcher (``_core.cpu.<name>``);
+- ``"cuda"``: the compiled CUDA launcher (``_core.cuda.<name>``), on the caller's stream; with a
+  build without CUDA kernels it raises, saying how to rebuild;
+- the default kernel (any other device, a package without its compiled core, or inside
+  ``reference_backend()``): the pure-PyTorch reference (``_reference``).
+The cpu/cuda kernels are registered with ``torch.library.register_kernel`` and the default as
+the op's own function, so ``torch.compile`` and ``torch.ops`` calls reach the same kernels.
+Eager calls (``lottery_ext.ops.<name>``: the optimizers, the pruner, rewind) pick the kernel
+from the same table without the dispatcher, whose boxing of tensor lists costs about 30 us
+per call of six parameters (a fifth of a LeNet-300-100 Adam step; README, "One op contract").
+
+Hyper-parameters are keyword-only (as in ``torch.optim.adam``'s functional form) and cross
+into the core as one named object (``_core.SgdArgs``, ``_core.AdamArgs``) built from the
+schema's own names: the schema strings below are the only Python spelling of them.
 
 ``torch.ops.lottery_ext.kth_smallest_magnitude`` is registered beside its kernel, in
-``pruning/threshold.py`` (it is built on these ops, so registering it here would make this
-module import its own caller).
+``pruning/threshold.py`` (it is built on these ops).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from . import _native, _radix, _reference, _validate
+from . import _native, _reference, _validate
+from ._radix import DTYPE_CODES
 
 Tensor = torch.Tensor
 _force_reference = False
@@ -36,41 +48,33 @@ def reference_backend() -> Iterator[None]:
         _force_reference = old
 
 
+def _no_cuda_kernels(*_args, **_kwargs):
+    raise RuntimeError(
+        "lottery_ext was built without CUDA kernels but got CUDA tensors. Rebuild with a "
+        "CUDA compiler on PATH: `LOTTERY_EXT_CUDA=ON pip install --no-build-isolation "
+        "--force-reinstall .` (or run on the pure-PyTorch path inside "
+        "`lottery_ext.ops.reference_backend()`)"
+    )
+
+
 def uses_native(device: torch.device) -> bool:
-    """Whether ops on `device` run on compiled kernels (else on ``_reference``).
-
-    CUDA tensors need a build with CUDA kernels: with a CPU-only build they raise (rather
-    than silently running the slow reference), saying how to rebuild."""
-    if _native.core is None or _force_reference:
+    """Whether ops on `device` run on compiled kernels (else on ``_reference``). CUDA tensors
+    with a build without CUDA kernels raise (rather than silently running the slow
+    reference), saying how to rebuild."""
+    if _native.core is None or _force_reference or device.type not in ("cpu", "cuda"):
         return False
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        if not _native.cuda:
-            raise RuntimeError(
-                "lottery_ext was built without CUDA kernels but got CUDA tensors. Rebuild with a "
-                "CUDA compiler on PATH: `LOTTERY_EXT_CUDA=ON pip install --no-build-isolation "
-                "--force-reinstall .` (or run on the pure-PyTorch path inside "
-                "`lottery_ext.ops.reference_backend()`)"
-            )
-        return True
-    return False
+    if device.type == "cuda" and not _native.cuda:
+        _no_cuda_kernels()
+    return True
 
 
-def _where(device: torch.device) -> tuple[int, int]:
-    """(device index, stream) arguments of the core: (-1, 0) on the CPU; on CUDA the
-    tensors' device and the caller's current stream on it."""
+def _where(device: torch.device) -> tuple[int, int, int]:
+    """(threads, device index, stream) of a launch: the CPU's torch thread count; on CUDA
+    the tensors' device and the caller's current stream on it."""
     if device.type == "cpu":
-        return -1, 0
+        return torch.get_num_threads(), -1, 0
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
-
-
-def _bump(*lists: Sequence[Tensor | None]) -> None:
-    """Tell autograd that the native kernels wrote these tensors, as torch's in-place ops
-    do: a tensor saved for backward and changed since then raises torch's "modified by an
-    inplace operation" error instead of being used stale."""
-    torch.autograd.graph.increment_version([t for ts in lists for t in ts if t is not None])
+    return 0, index, torch.cuda.current_stream(index).cuda_stream
 
 
 def _ptrs(tensors: Sequence[Tensor | None]) -> list[int]:
@@ -81,432 +85,360 @@ def _numels(tensors: Sequence[Tensor]) -> list[int]:
     return [t.numel() for t in tensors]
 
 
-# ---------------------------------------------------------------------------------------------
-# launches (no checks)
+def _bump(*lists: Sequence[Tensor | None]) -> None:
+    """Tell autograd that the native kernels wrote these tensors, as torch's in-place ops
+    do: a tensor saved for backward and changed since then raises torch's "modified by an
+    inplace operation" error instead of being used stale."""
+    torch.autograd.graph.increment_version([t for ts in lists for t in ts if t is not None])
 
 
-def _launch_sgd_step(
-    params, grads, momentum_buffers, masks, first, lr, momentum, dampening, weight_decay,
-    nesterov, maximize,
-) -> None:  # fmt: skip
-    if not params:
-        return
-    if uses_native(params[0].device):
-        _native.core.sgd_step(
-            _radix.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads),
-            _ptrs(momentum_buffers) if momentum != 0 else [0] * len(params), _ptrs(masks),
-            _numels(params), [bool(f) for f in first], lr, momentum, dampening, weight_decay,
-            nesterov, maximize, torch.get_num_threads(), *_where(params[0].device),
+def group_by_device_dtype(
+    tensors: Sequence[Tensor], extra: Sequence[object] | None = None
+) -> list[list[int]]:
+    """Indices of `tensors` by (device, dtype) (and ``extra[i]`` when given), in first-seen
+    order: one native call per group, since a call takes one device and one dtype."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        key = (t.device, t.dtype) if extra is None else (t.device, t.dtype, extra[i])
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _nothing(*_args, **_kwargs) -> None:
+    """Fake kernel of every op here: they write their inputs in place and return nothing."""
+
+
+class Op:
+    """One op: its schema (the single place its arguments are spelled), its checks and its
+    kernels. ``Op.__call__`` is the eager entry point (``lottery_ext.ops.<name>``)."""
+
+    def __init__(
+        self,
+        name: str,
+        schema: str,
+        check: Callable[[dict], None],
+        launch: Callable[[object, dict, tuple[int, int, int]], None],
+        reference: Callable[[dict], None],
+        doc: str,
+        python_name: str | None = None,
+    ) -> None:
+        self.name = name
+        self.__name__ = self.__qualname__ = python_name or name  # lottery_ext.ops.<__name__>
+        self.validate, self.launch, self.reference = check, launch, reference
+        arguments = torch._C.parse_schema(f"lottery_ext::{name}_{schema}").arguments
+        self.positional = [a.name for a in arguments if not a.kwarg_only]
+        self.keywords = [a.name for a in arguments if a.kwarg_only]
+        self.defaults = {
+            a.name: a.default_value for a in arguments if a.kwarg_only and a.has_default_value()
+        }
+        self.required = [n for n in self.positional + self.keywords if n not in self.defaults]
+        self.names = frozenset(self.positional + self.keywords)
+        self.floats = [a.name for a in arguments if a.kwarg_only and str(a.type) == "float"]
+        mutated = [a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write]
+        # the kernels, by device type: what the dispatcher and eager calls both pick from
+        self.kernels: dict[str, Callable[[dict], None]] = {}
+        if _native.core is not None:
+            self.kernels["cpu"] = self._native(_native.core.cpu)
+            self.kernels["cuda"] = self._native(_native.core.cuda) if _native.cuda else None
+        # Registered without the "*": inductor's generated code passes every argument of a
+        # mutating custom op positionally (torch 2.13). Keyword-only is enforced in Python.
+        self.opdef = torch.library.custom_op(
+            f"lottery_ext::{name}_", self._dispatched, mutates_args=mutated,
+            schema=schema.replace("*, ", ""),
         )  # fmt: skip
-        _bump(params, momentum_buffers if momentum != 0 else ())
-    else:
-        _reference.sgd_step_(
-            params, grads, momentum_buffers, masks, first, lr=lr, momentum=momentum,
-            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-        )  # fmt: skip
-
-
-def _launch_adam_step(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
-    weight_decay, amsgrad, maximize, decoupled,
-) -> None:  # fmt: skip
-    if not params:
-        return
-    if uses_native(params[0].device):
-        _native.core.adam_step(
-            _radix.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(grads), _ptrs(exp_avgs),
-            _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs) if amsgrad else [], _ptrs(masks),
-            _numels(params), _ptrs(steps), lr, beta1, beta2, eps, weight_decay, amsgrad,
-            maximize, decoupled, torch.get_num_threads(), *_where(params[0].device),
-        )  # fmt: skip
-        _bump(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else (), steps)
-    else:
-        _reference.adam_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr=lr,
-            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, decoupled=decoupled,
-        )  # fmt: skip
-
-
-def _launch_apply_mask(tensors, masks) -> None:
-    if not tensors:
-        return
-    if uses_native(tensors[0].device):
-        _native.core.apply_mask(
-            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
-            _numels(tensors), torch.get_num_threads(), *_where(tensors[0].device),
-        )  # fmt: skip
-        _bump(tensors)
-    else:
-        _reference.apply_mask_(tensors, masks)
-
-
-def _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist) -> None:
-    if uses_native(tensors[0].device):
-        _native.core.magnitude_histogram(
-            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
-            _numels(tensors), shift, bits, prefix, prefix_mask, hist.data_ptr(),
-            torch.get_num_threads(), *_where(tensors[0].device),
-        )  # fmt: skip
-        _bump([hist])
-    else:
-        _reference.magnitude_histogram_(tensors, masks, shift, bits, prefix, prefix_mask, hist)
-
-
-def _launch_magnitude_histogram_batched(tensors, masks, shift, bits, prefixes, prefix_mask, hist):
-    """Row i of `hist` (n x (2**bits + 1)) gets tensor i's histogram for its own prefix."""
-    if uses_native(tensors[0].device):
-        _native.core.magnitude_histogram_batched(
-            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(masks),
-            _numels(tensors), shift, bits, list(prefixes), prefix_mask, hist.data_ptr(),
-            torch.get_num_threads(), *_where(tensors[0].device),
-        )  # fmt: skip
-        _bump([hist])
-    else:
-        for i, (t, m, prefix) in enumerate(zip(tensors, masks, prefixes)):
-            _reference.magnitude_histogram_([t], [m], shift, bits, prefix, prefix_mask, hist[i])
-
-
-def _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
-    device = tensors[0].device
-    if uses_native(device):
-        numels = _numels(tensors)
-        scratch, nbytes = None, 0
-        if device.type == "cuda" and ties_to_prune:  # tie ranks: device scratch owned by torch
-            nbytes = _native.core.threshold_mask_scratch_bytes(numels)
-            scratch = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        _native.core.threshold_mask(
-            _radix.DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(old_masks),
-            _ptrs(out_masks), numels, t_key, ties_to_prune,
-            0 if scratch is None else scratch.data_ptr(), nbytes, torch.get_num_threads(),
-            *_where(device),
-        )  # fmt: skip
-        _bump(out_masks)
-    else:
-        _reference.threshold_mask_(tensors, old_masks, out_masks, t_key, ties_to_prune)
-
-
-def _launch_rewind(params, snapshots, masks, states) -> None:
-    """states: per tensor, the same number of buffers (lists may hold None for absent ones)."""
-    if not params:
-        return
-    if uses_native(params[0].device):
-        per = len(states[0]) if states else 0
-        _native.core.rewind(
-            _radix.DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(snapshots),
-            _ptrs(masks), [x for st in states for x in _ptrs(st)], per, _numels(params),
-            torch.get_num_threads(), *_where(params[0].device),
-        )  # fmt: skip
-        _bump(params, [x for st in states for x in st])
-    else:
-        present = [[b for b in st if b is not None] for st in states]
-        _reference.rewind_(params, snapshots, masks, present)
-
-
-# ---------------------------------------------------------------------------------------------
-# validated entry points
-
-
-def _check_group(kind: str, params: Sequence[Tensor], grads, states, masks) -> None:
-    """One call's tensors: per-tensor checks plus one device and one dtype for the call."""
-    for i, p in enumerate(params):
-        _validate.step_inputs(
-            f"params[{i}]", p, grads[i], tuple((k, s[i]) for k, s in states.items()), masks[i]
+        self.opdef.register_fake(_nothing)
+        for device_type in ("cpu", "cuda"):
+            self.opdef.register_kernel(device_type)(self._dispatched)
+        self.overload = getattr(torch.ops.lottery_ext, f"{name}_").default
+        self.__doc__ = doc
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.positional]
+            + [
+                inspect.Parameter(
+                    n, inspect.Parameter.KEYWORD_ONLY, default=self.defaults.get(n, inspect._empty)
+                )
+                for n in self.keywords
+            ]
         )
-        _validate.one_device_dtype(p, params[0], kind, f"params[{i}]", "params[0]")
 
+    def __repr__(self) -> str:
+        return f"<lottery_ext op {self.__name__}{self.__signature__}>"
 
-def sgd_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    first: Sequence[bool],
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-) -> None:
-    """Fused masked SGD update of a list of tensors, in place (see ``MaskedSGD``)."""
-    _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
-    if momentum != 0:
-        _validate.same_length(
-            params=params, grads=grads, momentum_buffers=momentum_buffers, masks=masks, first=first
-        )
-        states = {"momentum_buffer": momentum_buffers}
-    else:
-        _validate.same_length(params=params, grads=grads, masks=masks, first=first)
-        states = {}
-    _check_group("sgd_step", params, grads, states, masks)
-    with torch.no_grad():
-        _launch_sgd_step(
-            params, grads, momentum_buffers, masks, first, lr, momentum, dampening,
-            weight_decay, nesterov, maximize,
-        )  # fmt: skip
+    def __call__(self, *args, **kwargs) -> None:
+        if torch.compiler.is_compiling():  # traced: the graph calls the registered op
+            return self.overload(*args, **kwargs)
+        self.run(self.bind(args, kwargs))
 
-
-def adam_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    steps: Sequence[Tensor],
-    lr: float,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    decoupled: bool = False,
-) -> None:
-    """Fused masked Adam/AdamW update of a list of tensors, in place (see ``MaskedAdam``).
-    ``steps`` are one-element float32 CPU tensors, incremented by the op."""
-    _validate.finite(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    states = {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
-    if amsgrad:
-        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-        states["max_exp_avg_sq"] = max_exp_avg_sqs
-    _validate.same_length(**lists, masks=masks, steps=steps)
-    _validate.steps(list(steps))
-    _check_group("adam_step", params, grads, states, masks)
-    with torch.no_grad():
-        _launch_adam_step(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1,
-            beta2, eps, weight_decay, amsgrad, maximize, decoupled,
-        )  # fmt: skip
-
-
-def apply_mask(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Zero, in place, the entries of each tensor where its mask is False."""
-    _validate.same_length(tensors=tensors, masks=masks)
-    for i, (t, m) in enumerate(zip(tensors, masks)):
-        name = f"tensors[{i}]"
-        _validate.param(t, name)
-        _validate.mask(m, t, name)
-        _validate.like_layout(m, t, f"mask for {name}")
-        _validate.one_device_dtype(t, tensors[0], "apply_mask", name, "tensors[0]")
-    with torch.no_grad():
-        _launch_apply_mask(tensors, masks)
-
-
-def _check_candidates(
-    tensors: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    what: str,
-    names: Sequence[str] | None = None,
-):
-    """Tensors whose magnitudes are ranked: one dtype and device, dense, with values; masks
-    bool and alike. `names` label the tensors in errors (default ``tensors[i]``)."""
-    if not tensors:
-        raise ValueError(f"{what}: expected at least one tensor, got an empty list")
-    _validate.same_length(tensors=tensors, masks=masks)
-    for i, (t, m) in enumerate(zip(tensors, masks)):
-        name = names[i] if names is not None else f"tensors[{i}]"
-        _validate.param(t, name)
-        if t.device != tensors[0].device:
-            raise ValueError(
-                f"{what}: {name} is on {t.device} but tensors[0] is on {tensors[0].device}"
+    def bind(self, args: tuple, kwargs: dict, keyword_only: bool = True) -> dict:
+        """The call's arguments by name, defaults filled; wrong calls raise TypeError as a
+        Python function with this signature would. ``keyword_only=False``: the registered
+        op's calls, which may pass the hyper-parameters by position."""
+        if not keyword_only and len(args) > len(self.positional):
+            args, kwargs = (
+                args[: len(self.positional)],
+                {**dict(zip(self.keywords, args[len(self.positional) :])), **kwargs},
             )
-        if t.dtype != tensors[0].dtype:
+        if len(args) > len(self.positional):
             raise TypeError(
-                f"{what}: {name} is {t.dtype} but tensors[0] is {tensors[0].dtype}; "
-                "rank magnitudes of one dtype per call"
+                f"{self.__name__}() takes {len(self.positional)} positional arguments "
+                f"({', '.join(self.positional)}) but {len(args)} were given; pass "
+                f"{', '.join(self.keywords)} by keyword"
             )
-        if m is not None:
-            _validate.mask(m, t, name)
-            _validate.like_layout(m, t, f"mask for {name}")
-    _validate.has_data(tensors[0], names[0] if names is not None else "tensors[0]")
+        a = dict(zip(self.positional, args))
+        for k in kwargs:
+            if k not in self.names:
+                raise TypeError(f"{self.__name__}() got an unexpected keyword argument {k!r}")
+            if k in a:
+                raise TypeError(f"{self.__name__}() got multiple values for argument {k!r}")
+        a.update(kwargs)
+        missing = [n for n in self.required if n not in a]
+        if missing:
+            raise TypeError(f"{self.__name__}() missing required argument(s): {', '.join(missing)}")
+        for k, v in self.defaults.items():
+            a.setdefault(k, v)
+        return a
+
+    def hyper(self, a: dict) -> dict:
+        """The keyword-only arguments (the hyper-parameters) of a bound call."""
+        return {k: a[k] for k in self.keywords}
+
+    def check_hyper(self, hyper: dict) -> None:
+        """The float hyper-parameters are finite numbers (optimizers check a group's before
+        they touch its state)."""
+        _validate.finite(**{k: hyper[k] for k in self.floats})
+
+    def check(self, a: dict) -> None:
+        """Every check of a bound call (``ValueError``/``TypeError``, nothing written)."""
+        if self.floats:
+            self.check_hyper(a)
+        self.validate(a)
+
+    def run(self, a: dict) -> None:
+        """Check, then run on the kernel for the tensors' device."""
+        self.check(a)
+        self.run_checked(a)
+
+    def run_checked(self, a: dict) -> None:
+        """The kernel for the tensors' device, on a call ``check`` has passed (the optimizers
+        check their lists once, then run)."""
+        first = a[self.positional[0]]
+        device = first[0].device if first and isinstance(first[0], Tensor) else _CPU
+        self.kernel(device)(a)
+
+    def kernel(self, device: torch.device) -> Callable[[dict], None]:
+        if not _force_reference:
+            try:
+                k = self.kernels[device.type]
+            except KeyError:
+                pass
+            else:
+                return k if k is not None else _no_cuda_kernels
+        return self._reference
+
+    def _dispatched(self, *args, **kwargs) -> None:
+        """What torch.ops.lottery_ext.<name>_ runs (every device): the eager choice."""
+        self.run(self.bind(args, kwargs, keyword_only=False))
+
+    def _native(self, backend) -> Callable[[dict], None]:
+        launch = self.launch
+
+        def kernel(a: dict) -> None:
+            first = a[self.positional[0]]
+            if first:
+                launch(backend, a, _where(first[0].device))
+
+        return kernel
+
+    def _reference(self, a: dict) -> None:
+        with torch.no_grad():
+            self.reference(a)
 
 
-def magnitude_histogram(
-    tensors: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    shift: int,
-    bits: int,
-    prefix: int,
-    prefix_mask: int,
-    hist: Tensor,
-) -> None:
+_CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# launches: marshalling onto the compiled core (the checks ran before)
+
+
+def _launch_sgd_step(backend, a: dict, where: tuple[int, int, int]) -> None:
+    params, bufs = a["params"], a["momentum_buffers"] if a["momentum"] != 0 else ()
+    backend.sgd_step(
+        DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(a["grads"]), _ptrs(bufs),
+        _ptrs(a["masks"]), _numels(params), [bool(f) for f in a["first"]],
+        _native.core.SgdArgs(**sgd_step.hyper(a)), *where,
+    )  # fmt: skip
+    _bump(params, bufs)
+
+
+def _launch_adam_step(backend, a: dict, where: tuple[int, int, int]) -> None:
+    params, vmaxs = a["params"], a["max_exp_avg_sqs"] if a["amsgrad"] else ()
+    backend.adam_step(
+        DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(a["grads"]), _ptrs(a["exp_avgs"]),
+        _ptrs(a["exp_avg_sqs"]), _ptrs(vmaxs), _ptrs(a["masks"]), _numels(params),
+        _ptrs(a["steps"]), _native.core.AdamArgs(**adam_step.hyper(a)), *where,
+    )  # fmt: skip
+    _bump(params, a["exp_avgs"], a["exp_avg_sqs"], vmaxs, a["steps"])
+
+
+def _launch_apply_mask(backend, a: dict, where: tuple[int, int, int]) -> None:
+    tensors = a["tensors"]
+    backend.apply_mask(
+        DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(a["masks"]), _numels(tensors),
+        *where,
+    )  # fmt: skip
+    _bump(tensors)
+
+
+def _launch_magnitude_histogram(backend, a: dict, where: tuple[int, int, int]) -> None:
+    tensors = a["tensors"]
+    backend.magnitude_histogram(
+        DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(a["masks"]), _numels(tensors),
+        a["shift"], a["bits"], a["prefix"], a["prefix_mask"], a["hist"].data_ptr(), *where,
+    )  # fmt: skip
+    _bump([a["hist"]])
+
+
+def _launch_magnitude_histogram_batched(backend, a: dict, where: tuple[int, int, int]) -> None:
+    tensors = a["tensors"]
+    backend.magnitude_histogram_batched(
+        DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(a["masks"]), _numels(tensors),
+        a["shift"], a["bits"], list(a["prefixes"]), a["prefix_mask"], a["hist"].data_ptr(),
+        *where,
+    )  # fmt: skip
+    _bump([a["hist"]])
+
+
+def _launch_threshold_mask(backend, a: dict, where: tuple[int, int, int]) -> None:
+    tensors, out = a["tensors"], a["out_masks"]
+    numels = _numels(tensors)
+    scratch, nbytes = None, 0
+    if a["ties_to_prune"]:  # tie ranks on the GPU: device scratch from torch's allocator
+        nbytes = backend.threshold_mask_scratch_bytes(numels)
+        if nbytes:
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+    backend.threshold_mask(
+        DTYPE_CODES[tensors[0].dtype], _ptrs(tensors), _ptrs(a["old_masks"]), _ptrs(out),
+        numels, a["t_key"], a["ties_to_prune"], 0 if scratch is None else scratch.data_ptr(),
+        nbytes, *where,
+    )  # fmt: skip
+    _bump(out)
+
+
+def _launch_rewind(backend, a: dict, where: tuple[int, int, int]) -> None:
+    params, states = a["params"], a["states"]
+    backend.rewind(
+        DTYPE_CODES[params[0].dtype], _ptrs(params), _ptrs(a["snapshots"]), _ptrs(a["masks"]),
+        _ptrs(states), len(states) // len(params), _numels(params), *where,
+    )  # fmt: skip
+    _bump(params, states)
+
+
+def _reference_histogram_batched(a: dict) -> None:
+    for i, (t, m, prefix) in enumerate(zip(a["tensors"], a["masks"], a["prefixes"])):
+        _reference.magnitude_histogram_(
+            [t], [m], a["shift"], a["bits"], prefix, a["prefix_mask"], a["hist"][i]
+        )
+
+
+def _reference_rewind(a: dict) -> None:
+    params, states = a["params"], a["states"]
+    per = len(states) // len(params) if params else 0
+    nested = [list(states[i * per : (i + 1) * per]) for i in range(len(params))]
+    _reference.rewind_(params, a["snapshots"], a["masks"], nested)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops
+
+
+sgd_step = Op(
+    "sgd_step",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, "
+    "bool[] first, *, float lr, float momentum=0.0, float dampening=0.0, "
+    "float weight_decay=0.0, bool nesterov=False, bool maximize=False) -> ()",
+    _validate.sgd_step,
+    _launch_sgd_step,
+    lambda a: _reference.sgd_step_(**a),
+    """Fused masked SGD update of a list of tensors, in place (see ``MaskedSGD``).
+    ``first[i]``: tensor i has no momentum history (its buffer is written from the
+    gradient, as torch.optim.SGD clones it); ``momentum_buffers`` may be empty when
+    ``momentum == 0``.""",
+)
+
+adam_step = Op(
+    "adam_step",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] masks, Tensor(e!)[] steps, *, float lr, "
+    "float beta1=0.9, float beta2=0.999, float eps=1e-08, float weight_decay=0.0, "
+    "bool amsgrad=False, bool maximize=False, bool decoupled=False) -> ()",
+    _validate.adam_step,
+    _launch_adam_step,
+    lambda a: _reference.adam_step_(**a),
+    """Fused masked Adam/AdamW update of a list of tensors, in place (see ``MaskedAdam``).
+    ``steps`` are one-element float32 CPU tensors, incremented by the op;
+    ``max_exp_avg_sqs`` may be empty unless ``amsgrad``.""",
+)
+
+apply_mask = Op(
+    "apply_mask",
+    "(Tensor(a!)[] tensors, Tensor[] masks) -> ()",
+    _validate.apply_mask,
+    _launch_apply_mask,
+    lambda a: _reference.apply_mask_(**a),
+    """Zero, in place, the entries of each tensor where its mask is False.""",
+)
+
+magnitude_histogram = Op(
+    "magnitude_histogram",
+    "(Tensor[] tensors, Tensor?[] masks, int shift, int bits, int prefix, int prefix_mask, "
+    "Tensor(a!) hist) -> ()",
+    _validate.magnitude_histogram,
+    _launch_magnitude_histogram,
+    lambda a: _reference.magnitude_histogram_(**a),
     """One radix pass: ``hist[d] += #candidates with (key & prefix_mask) == prefix and digit
     (key >> shift) & (2**bits - 1) == d``; ``hist[-1] +=`` #NaN candidates. ``key`` is |x|'s
     bit pattern with the sign cleared. ``hist``: int64, 2**bits + 1 entries, on the
-    tensors' device.
-    Kept separate so sharded callers can all-reduce ``hist`` between passes."""
-    _check_candidates(tensors, masks, "magnitude_histogram")
-    _validate.histogram(hist, bits, tensors[0], shift, prefix, prefix_mask)
-    _launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+    tensors' device. Kept separate so sharded callers can all-reduce ``hist`` between
+    passes.""",
+)
 
+magnitude_histogram_batched = Op(
+    "magnitude_histogram_batched",
+    "(Tensor[] tensors, Tensor?[] masks, int shift, int bits, int[] prefixes, int prefix_mask, "
+    "Tensor(a!) hist) -> ()",
+    _validate.magnitude_histogram_batched,
+    _launch_magnitude_histogram_batched,
+    _reference_histogram_batched,
+    """``magnitude_histogram`` for every tensor on its own, in one call (per-layer
+    thresholds; one GPU launch): tensor i matches its own ``prefixes[i]`` and counts into
+    row i of ``hist`` (int64, ``len(tensors) x (2**bits + 1)``).""",
+)
 
-def threshold_mask(
-    tensors: Sequence[Tensor],
-    old_masks: Sequence[Tensor | None],
-    out_masks: Sequence[Tensor],
-    t_key: int,
-    ties_to_prune: int,
-) -> None:
+threshold_mask = Op(
+    "threshold_mask",
+    "(Tensor[] tensors, Tensor?[] old_masks, Tensor(a!)[] out_masks, int t_key, "
+    "int ties_to_prune) -> ()",
+    _validate.threshold_mask,
+    _launch_threshold_mask,
+    lambda a: _reference.threshold_mask_(**a),
     """``out = candidate & (key > t_key or (key == t_key and not among the first
-    ties_to_prune ties in flat memory order over the list))``; ``out`` may be ``old``."""
-    _check_candidates(tensors, old_masks, "threshold_mask")
-    _validate.same_length(tensors=tensors, out_masks=out_masks)
-    for i, (t, m) in enumerate(zip(tensors, out_masks)):
-        _validate.mask(m, t, f"out_masks[{i}]")
-        _validate.like_layout(m, t, f"out_masks[{i}]")
-    _validate.integer(t_key, "t_key", 0, _radix.max_key(tensors[0].dtype))
-    _validate.integer(ties_to_prune, "ties_to_prune", 0, 2**63 - 1)
-    with torch.no_grad():
-        _launch_threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
+    ties_to_prune ties in flat memory order over the list))``; ``out`` may be ``old``.""",
+)
 
-
-def rewind_tensors(
-    params: Sequence[Tensor],
-    snapshots: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    states: Sequence[Tensor] = (),
-) -> None:
+rewind_tensors = Op(
+    "rewind",
+    "(Tensor(a!)[] params, Tensor[] snapshots, Tensor?[] masks, Tensor(b!)[] states) -> ()",
+    _validate.rewind,
+    _launch_rewind,
+    _reference_rewind,
     """``params[i] = snapshots[i]`` where ``masks[i]`` (everywhere if None) else 0, and
     every tensor of ``states`` (optimizer buffers, ``len(params) * S`` of them, tensor-major:
-    the S buffers of params[0] first) zeroed, in one pass per tensor."""
-    n = _validate.same_length(params=params, snapshots=snapshots, masks=masks)
-    if n and len(states) % n:
-        raise ValueError(f"states: {len(states)} tensors is not a multiple of {n} params")
-    per = len(states) // n if n else 0
-    for i, p in enumerate(params):
-        name = f"params[{i}]"
-        _validate.param(p, name)
-        _validate.like(snapshots[i], p, "snapshot", name)
-        if masks[i] is not None:
-            _validate.mask(masks[i], p, name)
-            _validate.like_layout(masks[i], p, f"mask for {name}")
-        for s in states[i * per : (i + 1) * per]:
-            _validate.like(s, p, "optimizer state", name)
-        _validate.one_device_dtype(p, params[0], "rewind", name, "params[0]")
-    with torch.no_grad():
-        _launch_rewind(
-            list(params), list(snapshots), list(masks),
-            [list(states[i * per : (i + 1) * per]) for i in range(n)],
-        )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library registrations: torch.ops.lottery_ext.*
-
-
-@torch.library.custom_op("lottery_ext::sgd_step_", mutates_args=("params", "momentum_buffers"))
-def _sgd_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    masks: list[Tensor | None],
-    first: list[bool],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
-    sgd_step(
-        params, grads, momentum_buffers, masks, first, lr, momentum, dampening, weight_decay,
-        nesterov, maximize,
-    )  # fmt: skip
-
-
-@_sgd_step_op.register_fake
-def _(params, grads, momentum_buffers, masks, first, lr, momentum, dampening, weight_decay,
-      nesterov, maximize) -> None:  # fmt: skip
-    return None
-
-
-@torch.library.custom_op(
-    "lottery_ext::adam_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+    the S buffers of params[0] first) zeroed, in one pass per tensor.""",
+    python_name="rewind_tensors",
 )
-def _adam_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    masks: list[Tensor | None],
-    steps: list[Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled: bool,
-) -> None:
-    adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1, beta2,
-        eps, weight_decay, amsgrad, maximize, decoupled,
-    )  # fmt: skip
 
-
-@_adam_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, steps, lr, beta1, beta2,
-      eps, weight_decay, amsgrad, maximize, decoupled) -> None:  # fmt: skip
-    return None
-
-
-@torch.library.custom_op("lottery_ext::apply_mask_", mutates_args=("tensors",))
-def _apply_mask_op(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    apply_mask(tensors, masks)
-
-
-@_apply_mask_op.register_fake
-def _(tensors, masks) -> None:
-    return None
-
-
-@torch.library.custom_op("lottery_ext::magnitude_histogram_", mutates_args=("hist",))
-def _magnitude_histogram_op(
-    tensors: list[Tensor],
-    masks: list[Tensor | None],
-    shift: int,
-    bits: int,
-    prefix: int,
-    prefix_mask: int,
-    hist: Tensor,
-) -> None:
-    magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
-
-
-@_magnitude_histogram_op.register_fake
-def _(tensors, masks, shift, bits, prefix, prefix_mask, hist) -> None:
-    return None
-
-
-@torch.library.custom_op("lottery_ext::threshold_mask_", mutates_args=("out_masks",))
-def _threshold_mask_op(
-    tensors: list[Tensor],
-    old_masks: list[Tensor | None],
-    out_masks: list[Tensor],
-    t_key: int,
-    ties_to_prune: int,
-) -> None:
-    threshold_mask(tensors, old_masks, out_masks, t_key, ties_to_prune)
-
-
-@_threshold_mask_op.register_fake
-def _(tensors, old_masks, out_masks, t_key, ties_to_prune) -> None:
-    return None
-
-
-@torch.library.custom_op("lottery_ext::rewind_", mutates_args=("params", "states"))
-def _rewind_op(
-    params: list[Tensor], snapshots: list[Tensor], masks: list[Tensor | None], states: list[Tensor]
-) -> None:
-    rewind_tensors(params, snapshots, masks, states)
-
-
-@_rewind_op.register_fake
-def _(params, snapshots, masks, states) -> None:
-    return None
+OPS = (
+    sgd_step, adam_step, apply_mask, magnitude_histogram, magnitude_histogram_batched,
+    threshold_mask, rewind_tensors,
+)  # fmt: skip

@@ -52,13 +52,13 @@ def select_key(
     reduce=None,
 ) -> tuple[int, int]:
     """(key of the k-th smallest candidate magnitude, number of candidates below that key).
-    Inputs must be validated (``_ops._check_candidates``). ``reduce(hist)``, when given,
+    Inputs must be validated (``_validate.candidates``). ``reduce(hist)``, when given,
     sums each pass's histogram over the shards in place (``lottery_ext.distributed``)."""
     dtype, device = tensors[0].dtype, tensors[0].device
     prefix = prefix_mask = below = 0
     for i, (shift, bits) in enumerate(passes(dtype, device)):
         hist = torch.zeros((1 << bits) + 1, dtype=torch.int64, device=device)
-        _ops._launch_magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
+        _ops.magnitude_histogram(tensors, masks, shift, bits, prefix, prefix_mask, hist)
         if reduce is not None:
             reduce(hist)
         counts = hist[:-1]
@@ -92,16 +92,14 @@ def select_keys(
 ) -> list[tuple[int, int]]:
     """Per tensor i, on its own: (key of its ks[i]-th smallest candidate magnitude, number of
     its candidates below that key). One batched histogram per radix pass for all tensors (one
-    GPU launch each). Inputs must be validated (``_ops._check_candidates``). ``reduce`` as
+    GPU launch each). Inputs must be validated (``_validate.candidates``). ``reduce`` as
     in ``select_key``."""
     n = len(tensors)
     dtype, device = tensors[0].dtype, tensors[0].device
     prefixes, below, prefix_mask = [0] * n, [0] * n, 0
     for i, (shift, bits) in enumerate(passes(dtype, device)):
         hist = torch.zeros(n, (1 << bits) + 1, dtype=torch.int64, device=device)
-        _ops._launch_magnitude_histogram_batched(
-            tensors, masks, shift, bits, prefixes, prefix_mask, hist
-        )
+        _ops.magnitude_histogram_batched(tensors, masks, shift, bits, prefixes, prefix_mask, hist)
         if reduce is not None:
             reduce(hist)
         counts = hist[:, :-1]

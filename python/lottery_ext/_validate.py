@@ -37,8 +37,11 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same element order in memory (strides of size-1 dimensions do not matter)."""
-    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+    """Same element order in memory (strides of size-1 dimensions do not matter, nor any
+    stride of a tensor without elements)."""
+    return a.numel() == 0 or all(
+        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1
+    )
 
 
 def dtype_code(t: torch.Tensor, name: str) -> int:
@@ -163,6 +166,8 @@ def finite(**hparams: float) -> None:
     """Hyper-parameters must be finite real numbers (torch.optim lets NaN momentum through).
     Bools count as 0/1 as in torch.optim (``weight_decay=False`` is accepted there)."""
     for key, value in hparams.items():
+        if type(value) is float and value - value == 0.0:  # the common case, per step: finite
+            continue
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{key} must be a Python float, not a Tensor")
         if not isinstance(value, (int, float)):
@@ -301,19 +306,6 @@ def like_layout(t: torch.Tensor, p: torch.Tensor, what: str) -> None:
             f"{what}: memory layout (strides {t.stride()}) differs from the tensor's "
             f"(strides {p.stride()})"
         )
-
-
-def fast_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
-    """Cheap per-step test of the common case: gradient exactly like its contiguous param.
-    When it fails, the caller runs the full `step_inputs` check for a precise message."""
-    return (
-        g.dtype == p.dtype
-        and g.shape == p.shape
-        and not g.is_sparse
-        and g.device == p.device
-        and p.is_contiguous()
-        and g.is_contiguous()
-    )
 
 
 def same_length(**lists: list) -> int:
@@ -466,3 +458,179 @@ def saved_state(
                 )
         if counted and "step" in entry:
             step_count(entry["step"], where)
+
+
+# -- the ops' checks (lottery_ext._ops): one function per op, given the call's arguments by
+# name. Each first tries the common case in a few attribute reads per tensor (plain
+# contiguous tensors of one kernel dtype and device); anything else gets every check below,
+# which names the offending tensor.
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain(tensors: list, alike: tuple[list, ...], masks: list | None, optional: bool) -> bool:
+    """The common case of one native call: every tensor plain (no subclass, no DTensor),
+    contiguous, of one kernel dtype and device; ``alike[j][i]`` exactly like ``tensors[i]``;
+    ``masks[i]`` a contiguous bool tensor of its shape (or None when `optional`)."""
+    try:
+        first = tensors[0]
+        dtype, device = first.dtype, first.device
+        if dtype not in DTYPE_CODES:
+            return False
+        for i, t in enumerate(tensors):
+            if not (
+                type(t) in _PLAIN and t.dtype == dtype and t.device == device
+                and t.is_contiguous()
+            ):  # fmt: skip
+                return False
+            shape = t.shape
+            for lst in alike:
+                u = lst[i]
+                if not (
+                    type(u) in _PLAIN and u.dtype == dtype and u.shape == shape
+                    and u.device == device and u.is_contiguous()
+                ):  # fmt: skip
+                    return False
+            if masks is not None:
+                m = masks[i]
+                if m is None:
+                    if not optional:
+                        return False
+                elif not (
+                    type(m) in _PLAIN and m.dtype == torch.bool and m.shape == shape
+                    and m.device == device and m.is_contiguous()
+                ):  # fmt: skip
+                    return False
+        return True
+    except (RuntimeError, AttributeError, IndexError):  # sparse, not a tensor...: the full checks
+        return False
+
+
+def _group(kind: str, params, grads, states: dict, masks) -> None:
+    """One call's tensors: per-tensor checks plus one device and one dtype for the call."""
+    for i, p in enumerate(params):
+        step_inputs(
+            f"params[{i}]", p, grads[i], tuple((k, s[i]) for k, s in states.items()), masks[i]
+        )
+        one_device_dtype(p, params[0], kind, f"params[{i}]", "params[0]")
+
+
+def sgd_step(a: dict) -> None:
+    params, grads, masks, first = a["params"], a["grads"], a["masks"], a["first"]
+    lists = dict(params=params, grads=grads, masks=masks, first=first)
+    states = {}
+    if a["momentum"] != 0:
+        lists["momentum_buffers"] = states["momentum_buffer"] = a["momentum_buffers"]
+    same_length(**lists)
+    if params and _plain(params, (grads, *states.values()), masks, True):
+        return
+    _group("sgd_step", params, grads, states, masks)
+
+
+def adam_step(a: dict) -> None:
+    params, grads, masks, step_list = a["params"], a["grads"], a["masks"], a["steps"]
+    lists = dict(params=params, grads=grads, exp_avgs=a["exp_avgs"], exp_avg_sqs=a["exp_avg_sqs"])
+    states = {"exp_avg": a["exp_avgs"], "exp_avg_sq": a["exp_avg_sqs"]}
+    if a["amsgrad"]:
+        lists["max_exp_avg_sqs"] = states["max_exp_avg_sq"] = a["max_exp_avg_sqs"]
+    same_length(**lists, masks=masks, steps=step_list)
+    steps(step_list)
+    if params and _plain(params, (grads, *states.values()), masks, True):
+        return
+    _group("adam_step", params, grads, states, masks)
+
+
+def apply_mask(a: dict) -> None:
+    tensors, masks = a["tensors"], a["masks"]
+    same_length(tensors=tensors, masks=masks)
+    if tensors and _plain(tensors, (), masks, False):
+        return
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        name = f"tensors[{i}]"
+        param(t, name)
+        mask(m, t, name)
+        like_layout(m, t, f"mask for {name}")
+        one_device_dtype(t, tensors[0], "apply_mask", name, "tensors[0]")
+
+
+def candidates(
+    tensors: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    what: str,
+    names: list[str] | None = None,
+) -> None:
+    """Tensors whose magnitudes are ranked: one dtype and device, dense, with values; masks
+    bool and alike. `names` label the tensors in errors (default ``tensors[i]``)."""
+    if not tensors:
+        raise ValueError(f"{what}: expected at least one tensor, got an empty list")
+    same_length(tensors=tensors, masks=masks)
+    if _plain(tensors, (), masks, True) and tensors[0].device.type != "meta":
+        return
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        name = names[i] if names is not None else f"tensors[{i}]"
+        param(t, name)
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"{what}: {name} is on {t.device} but tensors[0] is on {tensors[0].device}"
+            )
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(
+                f"{what}: {name} is {t.dtype} but tensors[0] is {tensors[0].dtype}; "
+                "rank magnitudes of one dtype per call"
+            )
+        if m is not None:
+            mask(m, t, name)
+            like_layout(m, t, f"mask for {name}")
+    has_data(tensors[0], names[0] if names is not None else "tensors[0]")
+
+
+def magnitude_histogram(a: dict) -> None:
+    tensors = a["tensors"]
+    candidates(tensors, a["masks"], "magnitude_histogram")
+    histogram(a["hist"], a["bits"], tensors[0], a["shift"], a["prefix"], a["prefix_mask"])
+
+
+def magnitude_histogram_batched(a: dict) -> None:
+    tensors, prefixes, hist = a["tensors"], a["prefixes"], a["hist"]
+    candidates(tensors, a["masks"], "magnitude_histogram_batched")
+    same_length(tensors=tensors, prefixes=prefixes)
+    n, bits = len(tensors), a["bits"]
+    if not (isinstance(hist, torch.Tensor) and hist.dim() == 2 and hist.shape[0] == n):
+        raise ValueError(f"hist: expected {n} rows (one per tensor) of {(1 << bits) + 1} int64")
+    for i, prefix in enumerate(prefixes):
+        histogram(hist[i], bits, tensors[0], a["shift"], prefix, a["prefix_mask"])
+    if not hist.is_contiguous():
+        raise ValueError("hist: must be contiguous (rows of 2**bits + 1 entries)")
+
+
+def threshold_mask(a: dict) -> None:
+    tensors, out = a["tensors"], a["out_masks"]
+    candidates(tensors, a["old_masks"], "threshold_mask")
+    same_length(tensors=tensors, out_masks=out)
+    if not _plain(tensors, (), out, False):
+        for i, (t, m) in enumerate(zip(tensors, out)):
+            mask(m, t, f"out_masks[{i}]")
+            like_layout(m, t, f"out_masks[{i}]")
+    integer(a["t_key"], "t_key", 0, max_key(tensors[0].dtype))
+    integer(a["ties_to_prune"], "ties_to_prune", 0, 2**63 - 1)
+
+
+def rewind(a: dict) -> None:
+    params, snapshots, masks, states = a["params"], a["snapshots"], a["masks"], a["states"]
+    n = same_length(params=params, snapshots=snapshots, masks=masks)
+    if n and len(states) % n:
+        raise ValueError(f"states: {len(states)} tensors is not a multiple of {n} params")
+    per = len(states) // n if n else 0
+    by_param = tuple(states[k::per] for k in range(per)) if per else ()
+    if n and _plain(params, (snapshots, *by_param), masks, True):
+        return
+    for i, p in enumerate(params):
+        name = f"params[{i}]"
+        param(p, name)
+        like(snapshots[i], p, "snapshot", name)
+        if masks[i] is not None:
+            mask(masks[i], p, name)
+            like_layout(masks[i], p, f"mask for {name}")
+        for s in states[i * per : (i + 1) * per]:
+            like(s, p, "optimizer state", name)
+        one_device_dtype(p, params[0], "rewind", name, "params[0]")

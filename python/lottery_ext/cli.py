@@ -293,9 +293,9 @@ def _own_search(args, cfg):
 
 def _dry_run(cfg, data_dir, task=None) -> int:
     """What a run would prune, parameter by parameter, and its schedule; writes nothing."""
-    from . import format_prunable, prunable
     from .experiments import runner
     from .experiments.task import PresetTask
+    from .pruning.pruner import format_prunable, prunable
 
     if task is None:
         data = runner.load_dataset(cfg.dataset, data_dir, val_size=cfg.val_size, seed=cfg.seed)

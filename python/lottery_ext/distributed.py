@@ -412,7 +412,7 @@ def _prelude(tensors, masks, group, names, what, **args):
     )
     refused = None  # a bad input on one rank is raised on every rank, not left to hang them
     try:
-        _ops._check_candidates(locs, lmasks, what, labels)
+        _validate.candidates(locs, lmasks, what, labels)
         for i, t in enumerate(locs):
             if not t.is_contiguous():  # a shard's memory order is its place in the global order
                 raise ValueError(f"{what}: the local shard of {labels[i]} is not contiguous")
@@ -450,7 +450,7 @@ def _local_ties(locs, lmasks, keys: list[int]) -> list[int]:
             out.append(0)
             continue
         hist.zero_()
-        _ops._launch_magnitude_histogram([t], [m], shift, bits, key & pmask, pmask, hist)
+        _ops.magnitude_histogram([t], [m], shift, bits, key & pmask, pmask, hist)
         out.append(int(hist[key & ((1 << bits) - 1)]))
     return out
 
@@ -521,7 +521,7 @@ def sharded_prune_smallest(
         for i, (t, m, o) in enumerate(zip(locs, lmasks, out)):
             before = sum(sum(row[:i]) for row in ties) + sum(row[i] for row in ties[:me])
             q = min(max(left - before, 0), ties[me][i])
-            _ops._launch_threshold_mask([t], [m], [o], key, q)
+            _ops.threshold_mask([t], [m], [o], key, q)
     return _wrap(out, templates)
 
 
@@ -557,5 +557,5 @@ def sharded_prune_smallest_each(
             for j, (i, (key, below)) in enumerate(zip(todo, keys)):
                 before = sum(row[j] for row in ties[:me])  # this tensor's ties on earlier ranks
                 q = min(max(counts[i] - below - before, 0), ties[me][j])
-                _ops._launch_threshold_mask([locs[i]], [lmasks[i]], [out[i]], key, q)
+                _ops.threshold_mask([locs[i]], [lmasks[i]], [out[i]], key, q)
     return _wrap(out, templates)

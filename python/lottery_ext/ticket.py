@@ -207,7 +207,7 @@ def export_ticket(run_dir: str | os.PathLike, trial: int, level: int) -> Ticket:
     """The ticket of `trial` at `level` of a ``lottery-ext find`` run: the level's masks, the
     run's rewind point (θ0, or θk with ``--rewind-iteration k``), the recipe and the level's
     figures from results.jsonl."""
-    from . import __version__
+    from ._version import __version__
     from .experiments.rundir import config_hash, load_checkpoint, read_jsonl
 
     run_dir = Path(run_dir)

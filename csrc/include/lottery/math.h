@@ -5,13 +5,31 @@
 //
 // Masking contract: `keep == false` means the weight is pruned. Its gradient is ignored and
 // the parameter and every state buffer are written as exact zeros.
+//
+// The hyper-parameters arrive as SgdArgs / AdamArgs (doubles, as torch.optim keeps them in
+// Python) and become a functor through make_sgd_math / advance_adam_steps on the host, the
+// same code for both launchers, so CPU and CUDA round every scalar identically.
 #pragma once
 
 #include <cmath>
+#include <cstddef>
+#include <vector>
 
 #include "lottery/macros.h"
 
 namespace lottery {
+
+// torch.optim.SGD's hyper-parameters (_core.SgdArgs).
+struct SgdArgs {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+// torch.optim.Adam's hyper-parameters (_core.AdamArgs); decoupled: AdamW's weight decay.
+struct AdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled;
+};
 
 template <typename Op>
 LOTTERY_HD LOTTERY_INLINE Op op_sqrt(Op x) {
@@ -48,6 +66,12 @@ struct SgdMath {
   }
 };
 
+template <typename Op>
+inline SgdMath<Op> make_sgd_math(const SgdArgs& a) {
+  return {Op(a.lr),           Op(a.momentum), Op(1.0 - a.dampening),
+          Op(a.weight_decay), a.nesterov,     a.maximize};
+}
+
 // torch.optim.Adam / AdamW (decoupled weight decay), optional AMSGrad.
 // Per-tensor scalars (bias corrections depend on the tensor's own step count).
 template <typename Op>
@@ -81,21 +105,35 @@ struct AdamMath {
   }
 };
 
-// Host-side construction of the per-tensor Adam scalars, in double like torch's Python code.
+// Host-side construction of the per-tensor Adam scalars at step `step`, in double like
+// torch's Python code.
 template <typename Op>
-inline AdamMath<Op> make_adam_math(double lr, double beta1, double beta2, double eps, double wd,
-                                   bool decoupled, bool maximize, double step) {
-  AdamMath<Op> a;
-  a.one_minus_beta1 = Op(1.0 - beta1);
-  a.beta2 = Op(beta2);
-  a.one_minus_beta2 = Op(1.0 - beta2);
-  a.l2 = Op(decoupled ? 0.0 : wd);
-  a.decay = Op(decoupled && wd != 0.0 ? 1.0 - lr * wd : 1.0);
-  a.step_size = Op(lr / (1.0 - std::pow(beta1, step)));
-  a.bc2_sqrt = Op(std::sqrt(1.0 - std::pow(beta2, step)));
-  a.eps = Op(eps);
-  a.maximize = maximize;
-  return a;
+inline AdamMath<Op> make_adam_math(const AdamArgs& a, double step) {
+  AdamMath<Op> m;
+  m.one_minus_beta1 = Op(1.0 - a.beta1);
+  m.beta2 = Op(a.beta2);
+  m.one_minus_beta2 = Op(1.0 - a.beta2);
+  m.l2 = Op(a.decoupled ? 0.0 : a.weight_decay);
+  m.decay = Op(a.decoupled && a.weight_decay != 0.0 ? 1.0 - a.lr * a.weight_decay : 1.0);
+  m.step_size = Op(a.lr / (1.0 - std::pow(a.beta1, step)));
+  m.bc2_sqrt = Op(std::sqrt(1.0 - std::pow(a.beta2, step)));
+  m.eps = Op(a.eps);
+  m.maximize = a.maximize;
+  return m;
+}
+
+// One Adam step's host work for n tensors: each tensor's float32 step counter (torch.optim
+// keeps it as a CPU float32 scalar, and counts in float32 like it) is incremented, then its
+// own scalars are built from the new count.
+template <typename Op>
+inline std::vector<AdamMath<Op>> advance_adam_steps(const AdamArgs& a, size_t n,
+                                                    float* const* steps) {
+  std::vector<AdamMath<Op>> fs(n);
+  for (size_t t = 0; t < n; ++t) {
+    *steps[t] += 1.0f;
+    fs[t] = make_adam_math<Op>(a, double(*steps[t]));
+  }
+  return fs;
 }
 
 }  // namespace lottery

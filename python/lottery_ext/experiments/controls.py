@@ -13,7 +13,7 @@ import torch
 from ..pruning.pruner import random_like
 from ..pruning.rewind import reinitialize, rewind
 from .presets import RunConfig
-from .training import seed_for
+from .recipe import seed_for
 
 Masks = dict[str, torch.Tensor]
 

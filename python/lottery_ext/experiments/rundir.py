@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from .presets import RunConfig
 
 

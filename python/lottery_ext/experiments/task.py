@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from .data import Dataset, augment_cifar
 from .models import build_model, init_fn, init_weights
+from .recipe import evaluate, lr_at, make_optimizer
 
 
 @torch.no_grad()
@@ -57,12 +58,10 @@ class PresetTask:
         init_weights(model, self.cfg.init)
 
     def make_optimizer(self, model: nn.Module):
-        from .training import make_optimizer
 
         return make_optimizer(self.cfg, model), None
 
     def set_lr(self, optimizer, it: int) -> None:
-        from .training import lr_at
 
         lr = lr_at(self.cfg, it)
         for group in optimizer.param_groups:
@@ -81,7 +80,6 @@ class PresetTask:
         optimizer.step()
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        from .training import evaluate
 
         d = self.data
         val_loss, val_acc = evaluate(model, d.x_val, d.y_val)
@@ -90,7 +88,6 @@ class PresetTask:
                     test_accuracy=test_acc)  # fmt: skip
 
     def train_accuracy(self, model: nn.Module) -> float | None:
-        from .training import evaluate
 
         return evaluate(model, self.data.x_train, self.data.y_train)[1]
 

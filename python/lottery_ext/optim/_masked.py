@@ -81,17 +81,19 @@ class MaskedOptimizer:
 
     # -- masks -------------------------------------------------------------------------------
 
-    def set_mask(self, param: Tensor, mask: Tensor | None) -> None:
+    def set_mask(self, param: Tensor, mask: Tensor | None, *, zero: bool = True) -> None:
         """Prune `param` where `mask` is False (None removes the mask).
 
         The pruned entries of the parameter and of every state buffer are zeroed now, in one
-        pass, and stay exactly zero after every step."""
+        pass (``zero=False``: the caller zeroed them already, as ``MagnitudePruner.apply``
+        does for all its tensors at once), and stay exactly zero after every step."""
         name = self._name(param)
         if mask is None:
             self._masks.pop(param, None)
             return
         stored = self._store_mask(param, mask, name)
-        zero_pruned([param.detach()] + self._buffers_of(param), stored)
+        if zero:
+            zero_pruned((t, stored) for t in [param.detach(), *self._buffers_of(param)])
 
     def _store_mask(self, param: Tensor, mask: Tensor, name: str | None = None) -> Tensor:
         """Validate and keep a copy of `mask` in the parameter's memory layout, without
@@ -390,21 +392,21 @@ def local_shard(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def zero_pruned(tensors: list[Tensor], mask: Tensor) -> None:
-    """Zero the entries of every tensor where `mask` is False, by logical index: one fused
-    native pass over the tensors in the mask's memory order, the reference (masked_fill_)
-    for the rest (a layout changed since the mask was set, a sliced view). DTensors (sharded
-    alike) are zeroed on their local shards."""
-    if is_dtensor(mask):
-        tensors, mask = [local_shard(t) for t in tensors], local_shard(mask)
+def zero_pruned(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Zero each tensor of the (tensor, mask) pairs where its mask is False, by logical
+    index: one fused native call per device and dtype for the tensors laid out like their
+    mask, the reference (masked_fill_) for the rest (a layout changed since the mask was set,
+    a sliced view). DTensors (sharded alike) are zeroed on their local shards."""
     fast, slow = [], []
-    for t in tensors:
-        (fast if _validate.is_dense(t) and _validate.same_layout(t, mask) else slow).append(t)
-    if fast:
-        _ops.apply_mask(fast, [mask] * len(fast))
+    for t, m in pairs:
+        if is_dtensor(m):
+            t, m = local_shard(t), local_shard(m)
+        (fast if _validate.is_dense(t) and _validate.same_layout(t, m) else slow).append((t, m))
+    for group in _ops.group_by_device_dtype([t for t, _ in fast]):
+        _ops.apply_mask([fast[i][0] for i in group], [fast[i][1] for i in group])
     if slow:
         with torch.no_grad():
-            _reference.apply_mask_(slow, [mask] * len(slow))
+            _reference.apply_mask_([t for t, _ in slow], [m for _, m in slow])
 
 
 def fused_device_check(p: Tensor) -> None:

@@ -54,53 +54,63 @@ class _MaskedAdamBase(MaskedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            eps, wd, amsgrad = group["eps"], group["weight_decay"], group["amsgrad"]
+            (beta1, beta2), amsgrad = group["betas"], group["amsgrad"]
             decoupled = group.get("decoupled_weight_decay", self._decoupled_default)
-            beta1, beta2 = float(beta1), float(beta2)
-            _validate.finite(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+            hyper = dict(lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                         weight_decay=group["weight_decay"], amsgrad=amsgrad,
+                         maximize=group["maximize"], decoupled=decoupled)  # fmt: skip
+            _ops.adam_step.check_hyper(hyper)  # before any state is created
             keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else _PAIR
-            # (device, dtype) -> the lists of one native call; key None: the reference path
-            calls: dict[tuple | None, _AdamLists] = {}
+            # the common case: one op call per (device, dtype), the tensors as they are
+            calls: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     continue
                 state = self.state[p]
                 if not isinstance(state, dict):
                     raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
                 self._init_state(p, state, amsgrad, group.get("fused") or False)
-                g, bufs, mask, native = self._kernel_inputs(p, g, state, keys)
-                key = (p.device, p.dtype) if native else None
-                c = calls.get(key)
-                if c is None:
-                    c = calls[key] = _AdamLists()
-                c.params.append(local_shard(p))  # a DTensor (FSDP2) steps on its shard
-                c.grads.append(g)
-                c.exp_avgs.append(bufs[0])
-                c.exp_avg_sqs.append(bufs[1])
-                if amsgrad:
-                    c.max_exp_avg_sqs.append(bufs[2])
-                c.masks.append(mask)
-                c.steps.append(state["step"])
-            args = (lr, beta1, beta2, eps, wd, amsgrad, group["maximize"], decoupled)
-            for key, c in calls.items():
-                if key is None:
-                    _reference.adam_step_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs,
-                                          c.max_exp_avg_sqs, c.masks, c.steps,
-                                          **dict(zip(_ADAM_ARGS, args)))  # fmt: skip
-                elif torch.compiler.is_compiling():
-                    torch.ops.lottery_ext.adam_step_(c.params, c.grads, c.exp_avgs,
-                                                     c.exp_avg_sqs, c.max_exp_avg_sqs, c.masks,
-                                                     c.steps, *args)  # fmt: skip
+                key = (p.device, p.dtype)
+                params = calls.get(key)
+                if params is None:
+                    calls[key] = [p]
                 else:
-                    _ops._launch_adam_step(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs,
-                                           c.max_exp_avg_sqs, c.masks, c.steps, *args)  # fmt: skip
+                    params.append(p)
+            for params in calls.values():
+                c = _AdamLists()
+                try:
+                    for p in params:
+                        st = self.state[p]
+                        c.add(p, p.grad, [st[k] for k in keys], self._masks.get(p), st["step"])
+                    a = c.call(hyper)
+                    _ops.adam_step.check(a)  # the op's checks: once, here
+                except (KeyError, IndexError, AttributeError, ValueError, TypeError):
+                    self._gathered_step(params, keys, hyper)  # refused: the careful path
+                else:
+                    _ops.adam_step.run_checked(a)
         return loss
+
+    def _gathered_step(self, params: list[Tensor], keys: tuple[str, ...], hyper: dict) -> None:
+        """The step of `params` whose tensors the op refused as they were: each parameter's
+        inputs checked and brought into its memory layout (``_kernel_inputs``, which names it
+        in errors), sliced views on the reference path, DTensors on their local shards."""
+        calls: dict[tuple | None, _AdamLists] = {}  # key None: the reference path
+        for p in params:
+            state = self.state[p]
+            g, bufs, mask, native = self._kernel_inputs(p, p.grad, state, keys)
+            key = (p.device, p.dtype) if native else None
+            c = calls.get(key)
+            if c is None:
+                c = calls[key] = _AdamLists()
+            c.add(local_shard(p), g, bufs, mask, state["step"])  # a DTensor: its shard
+        for key, c in calls.items():
+            if key is None:
+                _reference.adam_step_(**c.call(hyper))
+            else:
+                _ops.adam_step.run(c.call(hyper))
 
 
 _PAIR = ("exp_avg", "exp_avg_sq")
-_ADAM_ARGS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled")
 
 
 class _AdamLists:
@@ -111,6 +121,22 @@ class _AdamLists:
     def __init__(self) -> None:
         self.params, self.grads, self.masks, self.steps = [], [], [], []
         self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs = [], [], []
+
+    def add(self, p: Tensor, g: Tensor, bufs: list[Tensor], mask, step: Tensor) -> None:
+        self.params.append(p)
+        self.grads.append(g)
+        self.exp_avgs.append(bufs[0])
+        self.exp_avg_sqs.append(bufs[1])
+        if len(bufs) > 2:
+            self.max_exp_avg_sqs.append(bufs[2])
+        self.masks.append(mask)
+        self.steps.append(step)
+
+    def call(self, hyper: dict) -> dict:
+        """The op's arguments by name (``lottery_ext.ops.adam_step``)."""
+        return dict(params=self.params, grads=self.grads, exp_avgs=self.exp_avgs,
+                    exp_avg_sqs=self.exp_avg_sqs, max_exp_avg_sqs=self.max_exp_avg_sqs,
+                    masks=self.masks, steps=self.steps, **hyper)  # fmt: skip
 
 
 class MaskedAdam(_MaskedAdamBase, torch.optim.Adam):

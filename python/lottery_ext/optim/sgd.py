@@ -55,66 +55,83 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            dampening, wd = group["dampening"], group["weight_decay"]
-            _validate.finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd)
-            # (device, dtype) -> the lists of one native call; key None: the reference path
-            calls: dict[tuple | None, _SGDLists] = {}
-            new_buffers = []  # allocated only once the whole group has passed validation
-            keys = ("momentum_buffer",) if momentum != 0 else ()
+            momentum = group["momentum"]
+            hyper = dict(lr=group["lr"], momentum=momentum, dampening=group["dampening"],
+                         weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                         maximize=group["maximize"])  # fmt: skip
+            _ops.sgd_step.check_hyper(hyper)  # before any state is created
+            fused = group.get("fused")
+            # the common case: one op call per (device, dtype), the tensors as they are
+            calls: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     continue
-                if group.get("fused") and getattr(self, "_need_device_dtype_check_for_fused", 1):
+                if fused and getattr(self, "_need_device_dtype_check_for_fused", 1):
                     fused_device_check(p)  # as torch: once, on the first parameter stepped
                     self._need_device_dtype_check_for_fused = False
-                state = self.state.get(p, {})
-                if not isinstance(state, dict):
-                    raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
-                has_buf = momentum != 0 and state.get("momentum_buffer") is not None
-                g, bufs, mask, native = self._kernel_inputs(p, g, state, keys if has_buf else ())
-                buf = bufs[0] if has_buf else None
-                # torch's first step copies the gradient into a new buffer; a rewound
-                # optimizer (lottery_ext.rewind) also restarts here, keeping its buffer.
-                first = buf is None or p in self._restart
-                key = (p.device, p.dtype) if native else None
-                c = calls.get(key)
-                if c is None:
-                    c = calls[key] = _SGDLists()
-                if momentum != 0 and buf is None:
-                    new_buffers.append((p, len(c.momentum_buffers), c.momentum_buffers))
-                c.params.append(local_shard(p))  # a DTensor (FSDP2) steps on its local shard
-                c.stepped.append(p)
-                c.grads.append(g)
-                c.momentum_buffers.append(buf)
-                c.masks.append(mask)
-                c.first.append(first)
-            for p, i, bufs in new_buffers:
-                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
-                bufs[i] = local_shard(buf)
-            for key, c in calls.items():
-                if key is None:
-                    _reference.sgd_step_(
-                        c.params, c.grads, c.momentum_buffers, c.masks, c.first, lr=lr,
-                        momentum=momentum, dampening=dampening, weight_decay=wd,
-                        nesterov=group["nesterov"], maximize=group["maximize"],
-                    )  # fmt: skip
-                elif torch.compiler.is_compiling():
-                    torch.ops.lottery_ext.sgd_step_(
-                        c.params, c.grads, c.momentum_buffers if momentum != 0 else [], c.masks,
-                        c.first, lr, momentum, dampening, wd, group["nesterov"],
-                        group["maximize"],
-                    )  # fmt: skip
+                key = (p.device, p.dtype)
+                params = calls.get(key)
+                if params is None:
+                    calls[key] = [p]
                 else:
-                    _ops._launch_sgd_step(
-                        c.params, c.grads, c.momentum_buffers, c.masks, c.first, lr, momentum,
-                        dampening, wd, group["nesterov"], group["maximize"],
-                    )  # fmt: skip
-                self._restart.difference_update(c.stepped)
+                    params.append(p)
+            restart, state = self._restart, self.state  # (.get: a refused step adds no state)
+            for params in calls.values():
+                c = _SGDLists()
+                try:
+                    for p in params:
+                        # torch's first step copies the gradient into a new buffer: the
+                        # careful path allocates it; a rewound optimizer restarts here
+                        buf = state.get(p, _NO_STATE)["momentum_buffer"] if momentum else None
+                        c.add(p, p, p.grad, buf, self._masks.get(p), p in restart)
+                    a = c.call(hyper, momentum)
+                    _ops.sgd_step.check(a)  # the op's checks: once, here
+                except (KeyError, IndexError, AttributeError, ValueError, TypeError):
+                    self._gathered_step(params, hyper)  # refused: the careful path
+                else:
+                    _ops.sgd_step.run_checked(a)
+                    restart.difference_update(params)
         return loss
+
+    def _gathered_step(self, params: list[Tensor], hyper: dict) -> None:
+        """The step of `params` whose tensors the op refused as they were (or that have no
+        momentum buffer yet): each parameter's inputs checked and brought into its memory
+        layout (``_kernel_inputs``, which names it in errors), sliced views on the reference
+        path, DTensors on their local shards, new momentum buffers allocated once every
+        parameter has passed its checks."""
+        momentum = hyper["momentum"]
+        calls: dict[tuple | None, _SGDLists] = {}  # key None: the reference path
+        new_buffers = []
+        keys = ("momentum_buffer",) if momentum != 0 else ()
+        for p in params:
+            state = self.state.get(p, {})
+            if not isinstance(state, dict):
+                raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
+            has_buf = momentum != 0 and state.get("momentum_buffer") is not None
+            g, bufs, mask, native = self._kernel_inputs(p, p.grad, state, keys if has_buf else ())
+            buf = bufs[0] if has_buf else None
+            key = (p.device, p.dtype) if native else None
+            c = calls.get(key)
+            if c is None:
+                c = calls[key] = _SGDLists()
+            if momentum != 0 and buf is None:
+                new_buffers.append((p, len(c.momentum_buffers), c.momentum_buffers))
+            # a DTensor (FSDP2) steps on its local shard
+            c.add(p, local_shard(p), g, buf, mask, buf is None or p in self._restart)
+        for p, i, bufs in new_buffers:
+            buf = self.state[p]["momentum_buffer"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format
+            )
+            bufs[i] = local_shard(buf)
+        for key, c in calls.items():
+            if key is None:
+                _reference.sgd_step_(**c.call(hyper, momentum))
+            else:
+                _ops.sgd_step.run(c.call(hyper, momentum))
+            self._restart.difference_update(c.stepped)
+
+
+_NO_STATE: dict = {}
 
 
 class _SGDLists:
@@ -126,3 +143,17 @@ class _SGDLists:
     def __init__(self) -> None:
         self.params, self.grads, self.momentum_buffers = [], [], []
         self.masks, self.first, self.stepped = [], [], []
+
+    def add(self, stepped: Tensor, p: Tensor, g: Tensor, buf, mask, first: bool) -> None:
+        self.stepped.append(stepped)
+        self.params.append(p)
+        self.grads.append(g)
+        self.momentum_buffers.append(buf)
+        self.masks.append(mask)
+        self.first.append(first)
+
+    def call(self, hyper: dict, momentum: float) -> dict:
+        """The op's arguments by name (``lottery_ext.ops.sgd_step``)."""
+        bufs = self.momentum_buffers if momentum != 0 else []
+        return dict(params=self.params, grads=self.grads, momentum_buffers=bufs,
+                    masks=self.masks, first=self.first, **hyper)  # fmt: skip

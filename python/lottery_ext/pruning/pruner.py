@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .. import _ops, _validate
-from ..distributed import is_dtensor, local, shard_like
+from ..distributed import is_dtensor, shard_like
+from ..optim._masked import zero_pruned
 from .threshold import prune_smallest, prune_smallest_each
 
 Tensor = torch.Tensor
@@ -521,10 +522,9 @@ class MagnitudePruner:
         new = {}
         if self.scope == "layer":
             counts = self._layer_counts(old)
-            groups: dict[tuple, list[str]] = {}
-            for name, p in self.targets.items():
-                groups.setdefault((p.device, p.dtype), []).append(name)
-            for names in groups.values():  # each layer its own threshold, selected together
+            every = list(self.targets)
+            for group in _ops.group_by_device_dtype(list(self.targets.values())):
+                names = [every[i] for i in group]  # each its own threshold, selected together
                 tensors = [self.targets[n].detach() for n in names]
                 masks = prune_smallest_each(tensors, [counts[n] for n in names],
                                             [old[n] for n in names],
@@ -534,10 +534,7 @@ class MagnitudePruner:
         pool = self._global_pool()
         remaining = sum(_count(old[n]) for n in pool)
         tensors = [self.targets[n].detach() for n in pool]
-        by_dtype: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault((t.device, t.dtype), []).append(i)
-        if len(by_dtype) > 1:
+        if len(_ops.group_by_device_dtype(tensors)) > 1:
             raise TypeError("global pruning needs all pruned tensors on one device and dtype")
         if pool:  # empty when the output layer is all there is
             out = prune_smallest(tensors, round(self.rate * remaining),
@@ -632,16 +629,15 @@ class MagnitudePruner:
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights of the model and push the masks to attached optimizers."""
-        groups: dict[tuple, tuple[list, list]] = {}
+        pairs = []  # every tensor the masks zero, attached optimizers' state included
         for name, p in self.targets.items():
-            g = groups.setdefault((p.device, p.dtype), ([], []))
-            g[0].append(local(p.detach()))  # a DTensor (FSDP2): its shard, masked alike
-            g[1].append(local(self._masks[name]))
-        for tensors, ms in groups.values():
-            _ops.apply_mask(tensors, ms)
+            m = self._masks[name]
+            pairs.append((p.detach(), m))
+            pairs += [(b, m) for opt in self._optimizers for b in opt.state_buffers(p)]
+        zero_pruned(pairs)  # one pass per tensor; a DTensor (FSDP2): its shard, masked alike
         for opt in self._optimizers:
             for name, p in self.targets.items():
-                opt.set_mask(p, self._masks[name])
+                opt.set_mask(p, self._masks[name], zero=False)
 
     def attach(self, optimizer) -> None:
         """Keep `optimizer`'s masks (a lottery_ext masked optimizer) in sync after every

@@ -159,8 +159,7 @@ def rewind(
     if scheduler is not None:
         _check_scheduler(scheduler, optimizer)
 
-    calls: dict[tuple, tuple[list, ...]] = {}
-    slow = []  # (param, snapshot, mask, states) the native pass cannot walk as one block
+    fast, slow = [], []  # slow: what the native pass cannot walk as one block
     for name, p in named.items():
         s, m = snap[name], masks.get(name)
         _validate.param(p, name, dense=False)
@@ -170,16 +169,13 @@ def rewind(
         states = masked_opt.state_buffers(p) if masked_opt is not None else []
         if not _validate.is_dense(p) or not all(_validate.same_layout(b, p) for b in states):
             slow.append((p.detach(), s, m, states))
-            continue
-        lists = calls.setdefault((p.device, p.dtype), ([], [], [], []))
-        lists[0].append(p)
-        lists[1].append(_validate.in_layout_of(s, p))  # a copy only after a layout change
-        lists[2].append(None if m is None else _validate.in_layout_of(m, p))
-        lists[3].append(states)
-    for params, snaps, ms, states in calls.values():
-        width = max(len(st) for st in states)
-        padded = [st + [None] * (width - len(st)) for st in states]
-        _ops._launch_rewind([p.detach() for p in params], snaps, ms, padded)
+        else:  # snapshot and mask copied only after a layout change
+            m = None if m is None else _validate.in_layout_of(m, p)
+            fast.append((p.detach(), _validate.in_layout_of(s, p), m, states))
+    # one native call per device, dtype and number of state buffers per tensor
+    for group in _ops.group_by_device_dtype([p for p, *_ in fast], [len(st) for *_, st in fast]):
+        params, snaps, ms, states = zip(*(fast[i] for i in group))
+        _ops.rewind_tensors(list(params), list(snaps), list(ms), [b for st in states for b in st])
     for p, s, m, states in slow:  # torch's ops index logically, whatever the strides
         _reference.rewind_([p], [s], [m], [states])
     for name, b in buffers.items():
@@ -288,9 +284,7 @@ def reinitialize(
             for module in model.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-    for name, m in resolved.items():
-        p = named[name].detach()
-        zero_pruned([p], m)
+    zero_pruned((named[name].detach(), m) for name, m in resolved.items())
     if isinstance(optimizer, MaskedOptimizer):  # state reset + masks, as rewind does
         optimizer.restart({named[n]: m for n, m in resolved.items()}, named.values())
     elif optimizer is not None:

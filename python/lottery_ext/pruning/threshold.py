@@ -61,7 +61,7 @@ def prune_smallest_each(
         return sharded_prune_smallest_each(tensors, counts, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
-    _ops._check_candidates(tensors, masks, "prune_smallest_each", labels)
+    _validate.candidates(tensors, masks, "prune_smallest_each", labels)
     counts = [_check_k(c, f"counts[{i}]") for i, c in enumerate(counts)]
     if len(counts) != len(tensors):
         raise ValueError(f"{len(counts)} counts for {len(tensors)} tensors")
@@ -74,7 +74,7 @@ def prune_smallest_each(
                            [counts[i] for i in todo], [labels[i] for i in todo])  # fmt: skip
         with torch.no_grad():
             for i, (key, below) in zip(todo, keys):
-                _ops._launch_threshold_mask([tensors[i]], [masks[i]], [out[i]], key,
+                _ops.threshold_mask([tensors[i]], [masks[i]], [out[i]], key,
                                             counts[i] - below)  # fmt: skip
     return out
 
@@ -96,7 +96,7 @@ def kth_smallest_magnitude(
         return sharded_kth_smallest_magnitude(tensors, k, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
-    _ops._check_candidates(tensors, masks, "kth_smallest_magnitude", labels)
+    _validate.candidates(tensors, masks, "kth_smallest_magnitude", labels)
     k = _check_k(k)
     key, _ = select_key(tensors, masks, k, labels)
     return key_to_float(key, tensors[0].dtype)
@@ -117,7 +117,7 @@ def prune_smallest(
         return sharded_prune_smallest(tensors, count, masks, names=names)
     masks = _as_masks(masks, len(tensors))
     labels = _names(names, len(tensors))
-    _ops._check_candidates(tensors, masks, "prune_smallest", labels)
+    _validate.candidates(tensors, masks, "prune_smallest", labels)
     count = _check_k(count, "count")
     out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
     if count == 0:
@@ -126,7 +126,7 @@ def prune_smallest(
         return out
     key, below = select_key(tensors, masks, count, labels)  # checks 1 <= count <= candidates
     with torch.no_grad():
-        _ops._launch_threshold_mask(tensors, masks, out, key, count - below)
+        _ops.threshold_mask(tensors, masks, out, key, count - below)
     return out
 
 
