@@ -21,12 +21,9 @@ from benchmarks.harness import interleaved
 from lottery_ext import _native, _ops
 
 EAGER = "lottery_ext.ops (eager: checks + kernel table)"
-PATHS = [
-    EAGER,
-    "torch.ops.lottery_ext (dispatcher)",
-    "launcher only (no checks)",
-    "optimizer .step()",
-]
+STEP = "optimizer .step()"
+PREVIOUS = "optimizer .step(), previous design (per-parameter checks, then the launcher)"
+PATHS = [EAGER, "torch.ops.lottery_ext (dispatcher)", "launcher only (no checks)", STEP, PREVIOUS]
 MODELS = {"lenet300": shapes.lenet300, "resnet50": shapes.resnet50}
 
 
@@ -67,8 +64,77 @@ def candidates(kind: str, shape_list) -> dict:
         opt = lx.MaskedAdam(params, lr=1e-3, masks=masks)
     else:
         opt = lx.MaskedSGD(params, lr=1e-2, momentum=0.9, masks=masks)
-    out["optimizer .step()"] = opt.step
+    out[STEP] = opt.step
+    if _native.core is not None:
+        out[PREVIOUS] = _previous_step(kind, shape_list, g)
     return out
+
+
+def _previous_step(kind: str, shape_list, g: torch.Generator):
+    """The optimizer step as it was before the ops had one contract (2026-12-06, 59a0c51):
+    each parameter's tensors checked by the optimizer (``_kernel_inputs``), then the launcher
+    called without the op's checks; a ``step`` method, so torch's optimizer wrapper (hooks,
+    profiler record) runs around it as around ``MaskedAdam.step``. The baseline of the
+    per-step overhead."""
+    params = [torch.randn(s, generator=g).requires_grad_() for s in shape_list]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    masks = {p: torch.rand(p.shape, generator=g) < 0.2 for p in params if p.dim() > 1}
+    if kind == "adam":
+        opt = _PreviousAdam(params, lr=1e-3, masks=masks)
+    else:
+        opt = _PreviousSGD(params, lr=1e-2, momentum=0.9, masks=masks)
+    lx.MaskedAdam.step(opt) if kind == "adam" else lx.MaskedSGD.step(opt)  # state allocated
+    return opt.step
+
+
+def _previous_lists(opt, group, keys: tuple[str, ...], adam: bool) -> dict:
+    lists = {"params": [], "grads": [], "masks": []}
+    extra = ("exp_avgs", "exp_avg_sqs", "steps") if adam else ("momentum_buffers", "first")
+    lists.update({k: [] for k in extra})
+    for p in group["params"]:
+        state = opt.state[p]
+        if adam:
+            opt._init_state(p, state, False, False)
+            opt._normalize_step(p, state)  # (the previous design checked it here, per step)
+        gr, bufs, mask, _ = opt._kernel_inputs(p, p.grad, state, keys)
+        lists["params"].append(p)
+        lists["grads"].append(gr)
+        lists["masks"].append(mask)
+        if adam:
+            lists["exp_avgs"].append(bufs[0])
+            lists["exp_avg_sqs"].append(bufs[1])
+            lists["steps"].append(state["step"])
+        else:
+            lists["momentum_buffers"].append(bufs[0])
+            lists["first"].append(False)
+    return lists
+
+
+class _PreviousAdam(lx.MaskedAdam):
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), wd, eps = group["betas"], group["weight_decay"], group["eps"]
+            lx._validate.finite(lr=group["lr"], beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
+            lists = _previous_lists(self, group, ("exp_avg", "exp_avg_sq"), True)
+            hyper = dict(lr=group["lr"], beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                         amsgrad=False, maximize=False, decoupled=False)  # fmt: skip
+            _ops.adam_step.launch(_native.core.cpu, {**lists, "max_exp_avg_sqs": [], **hyper},
+                                  _ops._where(torch.device("cpu")))  # fmt: skip
+
+
+class _PreviousSGD(lx.MaskedSGD):
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            lx._validate.finite(lr=lr, momentum=mom, dampening=0.0, weight_decay=0.0)
+            lists = _previous_lists(self, group, ("momentum_buffer",), False)
+            hyper = dict(lr=lr, momentum=mom, dampening=0.0, weight_decay=0.0, nesterov=False,
+                         maximize=False)  # fmt: skip
+            _ops.sgd_step.launch(_native.core.cpu, {**lists, **hyper},
+                                 _ops._where(torch.device("cpu")))  # fmt: skip
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -84,14 +150,17 @@ def test_dispatch(benchmark, smoke, model, kind, path):
     benchmark.pedantic(fns[path], rounds=3 if smoke else 20, warmup_rounds=1)
 
 
-def report(kind: str, model: str, rounds: int = 41) -> list[dict]:
+def report(kind: str, model: str, rounds: int | None = None) -> list[dict]:
     """Interleaved medians (no cache flush: the per-call overhead is the question);
     ratio = time / the eager entry point's."""
     shape_list = MODELS[model]()
+    rounds = rounds or (301 if model == "lenet300" else 41)  # LeNet's calls are ~0.2 ms
     t = interleaved(candidates(kind, shape_list), rounds=rounds, flush=False)
+    prev = t.get(PREVIOUS)
     return [
         dict(kind=kind, model=model, n=sum(math.prod(s) for s in shape_list), path=k,
-             us=sec * 1e6, ratio=sec / t[EAGER])
+             us=sec * 1e6, ratio=sec / t[EAGER],
+             vs_previous=sec / prev if k == STEP and prev else None)
         for k, sec in t.items()
     ]  # fmt: skip
 
@@ -104,9 +173,14 @@ def main() -> None:
         for model in MODELS:
             for r in report(kind, model):
                 tensors = len(MODELS[model]())
+                vs = (
+                    f" (**{r['vs_previous']:.3f}x** the previous design)"
+                    if r["vs_previous"]
+                    else ""
+                )
                 print(
                     f"| {kind} | {model} ({tensors}) | {r['path']} | {r['us']:.1f} | "
-                    f"{r['ratio']:.2f}x |"
+                    f"{r['ratio']:.2f}x{vs} |"
                 )
 
 

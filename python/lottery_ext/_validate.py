@@ -318,11 +318,9 @@ def same_length(**lists: list) -> int:
 def steps(step_tensors: list[torch.Tensor]) -> None:
     for i, s in enumerate(step_tensors):
         if not (
-            isinstance(s, torch.Tensor)
-            and s.dtype == torch.float32
-            and s.device.type == "cpu"
+            isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.is_cpu
             and s.numel() == 1
-        ):
+        ):  # fmt: skip
             raise TypeError(f"steps[{i}]: expected a one-element float32 CPU tensor")
 
 
@@ -529,11 +527,17 @@ def sgd_step(a: dict) -> None:
 
 def adam_step(a: dict) -> None:
     params, grads, masks, step_list = a["params"], a["grads"], a["masks"], a["steps"]
-    lists = dict(params=params, grads=grads, exp_avgs=a["exp_avgs"], exp_avg_sqs=a["exp_avg_sqs"])
     states = {"exp_avg": a["exp_avgs"], "exp_avg_sq": a["exp_avg_sqs"]}
     if a["amsgrad"]:
-        lists["max_exp_avg_sqs"] = states["max_exp_avg_sq"] = a["max_exp_avg_sqs"]
-    same_length(**lists, masks=masks, steps=step_list)
+        states["max_exp_avg_sq"] = a["max_exp_avg_sqs"]
+    n, ms, vs = len(params), a["exp_avgs"], a["exp_avg_sqs"]
+    if (
+        len(grads) != n or len(masks) != n or len(step_list) != n or len(ms) != n
+        or len(vs) != n or (a["amsgrad"] and len(a["max_exp_avg_sqs"]) != n)
+    ):  # fmt: skip
+        names = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+        same_length(params=params, grads=grads, **dict(zip(names, states.values())),
+                    masks=masks, steps=step_list)  # fmt: skip
     steps(step_list)
     if params and _plain(params, (grads, *states.values()), masks, True):
         return

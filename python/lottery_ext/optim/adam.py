@@ -40,12 +40,16 @@ class _MaskedAdamBase(MaskedOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _normalize_step(self, p: Tensor, state: dict) -> None:
+        """A hand-edited step count (an int, a float64 or device tensor...) as the kernels keep
+        it: the op's checks refuse anything else, and the careful path converts it here."""
         step = state.get("step")
         if not (
             isinstance(step, Tensor) and step.dtype == torch.float32 and step.is_cpu
             and step.dim() == 0
         ):  # fmt: skip
-            state["step"] = _validate.step_count(step, self._name(p))  # hand-edited state
+            state["step"] = _validate.step_count(step, self._name(p))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -60,34 +64,47 @@ class _MaskedAdamBase(MaskedOptimizer):
                          weight_decay=group["weight_decay"], amsgrad=amsgrad,
                          maximize=group["maximize"], decoupled=decoupled)  # fmt: skip
             _ops.adam_step.check_hyper(hyper)  # before any state is created
+            fused = group.get("fused") or False
             keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else _PAIR
-            # the common case: one op call per (device, dtype), the tensors as they are
-            calls: dict[tuple, list[Tensor]] = {}
+            # the common case: one op call per (device, dtype) of the tensors as they are,
+            # checked once, by the op; what it refuses takes the careful path
+            calls: dict[tuple, _AdamLists] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not isinstance(state, dict):
                     raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
-                self._init_state(p, state, amsgrad, group.get("fused") or False)
+                self._init_state(p, state, amsgrad, fused)
                 key = (p.device, p.dtype)
-                params = calls.get(key)
-                if params is None:
-                    calls[key] = [p]
-                else:
-                    params.append(p)
-            for params in calls.values():
-                c = _AdamLists()
+                c = calls.get(key)
+                if c is None:
+                    c = calls[key] = _AdamLists()
+                c.members.append(p)
                 try:
-                    for p in params:
-                        st = self.state[p]
-                        c.add(p, p.grad, [st[k] for k in keys], self._masks.get(p), st["step"])
-                    a = c.call(hyper)
-                    _ops.adam_step.check(a)  # the op's checks: once, here
-                except (KeyError, IndexError, AttributeError, ValueError, TypeError):
-                    self._gathered_step(params, keys, hyper)  # refused: the careful path
-                else:
+                    bufs = [state[k] for k in keys]
+                except KeyError:  # hand-made state: the careful path names what is missing
+                    c.ok = False
+                    continue
+                c.params.append(p)  # (appends inline: this loop runs per parameter and step)
+                c.grads.append(p.grad)
+                c.exp_avgs.append(bufs[0])
+                c.exp_avg_sqs.append(bufs[1])
+                if amsgrad:
+                    c.max_exp_avg_sqs.append(bufs[2])
+                c.masks.append(self._masks.get(p))
+                c.steps.append(state["step"])
+            for c in calls.values():
+                a = c.call(hyper)
+                if c.ok:
+                    try:
+                        _ops.adam_step.check(a, hyper=False)  # hyper: checked above
+                    except (ValueError, TypeError):
+                        c.ok = False
+                if c.ok:
                     _ops.adam_step.run_checked(a)
+                else:
+                    self._gathered_step(c.members, keys, hyper)
         return loss
 
     def _gathered_step(self, params: list[Tensor], keys: tuple[str, ...], hyper: dict) -> None:
@@ -97,6 +114,7 @@ class _MaskedAdamBase(MaskedOptimizer):
         calls: dict[tuple | None, _AdamLists] = {}  # key None: the reference path
         for p in params:
             state = self.state[p]
+            self._normalize_step(p, state)
             g, bufs, mask, native = self._kernel_inputs(p, p.grad, state, keys)
             key = (p.device, p.dtype) if native else None
             c = calls.get(key)
@@ -116,11 +134,14 @@ _PAIR = ("exp_avg", "exp_avg_sq")
 class _AdamLists:
     """The tensor lists of one fused Adam call."""
 
-    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masks", "steps")
+    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masks", "steps",
+                 "members", "ok")  # fmt: skip
 
     def __init__(self) -> None:
         self.params, self.grads, self.masks, self.steps = [], [], [], []
         self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs = [], [], []
+        self.members: list[Tensor] = []  # the parameters themselves (params: their shards)
+        self.ok = True  # False: the careful path steps the members
 
     def add(self, p: Tensor, g: Tensor, bufs: list[Tensor], mask, step: Tensor) -> None:
         self.params.append(p)

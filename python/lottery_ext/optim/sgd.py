@@ -61,8 +61,11 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                          maximize=group["maximize"])  # fmt: skip
             _ops.sgd_step.check_hyper(hyper)  # before any state is created
             fused = group.get("fused")
-            # the common case: one op call per (device, dtype), the tensors as they are
-            calls: dict[tuple, list[Tensor]] = {}
+            restart, state = self._restart, self.state  # (.get: a refused step adds no state)
+            # the common case: one op call per (device, dtype) of the tensors as they are,
+            # checked once, by the op; what it refuses (or what has no momentum buffer yet:
+            # torch's first step copies the gradient into a new one) takes the careful path
+            calls: dict[tuple, _SGDLists] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -70,27 +73,33 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                     fused_device_check(p)  # as torch: once, on the first parameter stepped
                     self._need_device_dtype_check_for_fused = False
                 key = (p.device, p.dtype)
-                params = calls.get(key)
-                if params is None:
-                    calls[key] = [p]
-                else:
-                    params.append(p)
-            restart, state = self._restart, self.state  # (.get: a refused step adds no state)
-            for params in calls.values():
-                c = _SGDLists()
+                c = calls.get(key)
+                if c is None:
+                    c = calls[key] = _SGDLists()
+                c.members.append(p)
                 try:
-                    for p in params:
-                        # torch's first step copies the gradient into a new buffer: the
-                        # careful path allocates it; a rewound optimizer restarts here
-                        buf = state.get(p, _NO_STATE)["momentum_buffer"] if momentum else None
-                        c.add(p, p, p.grad, buf, self._masks.get(p), p in restart)
-                    a = c.call(hyper, momentum)
-                    _ops.sgd_step.check(a)  # the op's checks: once, here
-                except (KeyError, IndexError, AttributeError, ValueError, TypeError):
-                    self._gathered_step(params, hyper)  # refused: the careful path
-                else:
+                    buf = state.get(p, _NO_STATE)["momentum_buffer"] if momentum else None
+                except (KeyError, TypeError, IndexError):  # no buffer yet, or hand-made state
+                    c.ok = False
+                    continue
+                c.stepped.append(p)  # (appends inline: this loop runs per parameter and step)
+                c.params.append(p)
+                c.grads.append(p.grad)
+                c.momentum_buffers.append(buf)
+                c.masks.append(self._masks.get(p))
+                c.first.append(p in restart)
+            for c in calls.values():
+                a = c.call(hyper, momentum)
+                if c.ok:
+                    try:
+                        _ops.sgd_step.check(a, hyper=False)  # hyper: checked above
+                    except (ValueError, TypeError):
+                        c.ok = False
+                if c.ok:
                     _ops.sgd_step.run_checked(a)
-                    restart.difference_update(params)
+                    restart.difference_update(c.members)
+                else:
+                    self._gathered_step(c.members, hyper)
         return loss
 
     def _gathered_step(self, params: list[Tensor], hyper: dict) -> None:
@@ -138,11 +147,14 @@ class _SGDLists:
     """The tensor lists of one fused SGD call (``stepped``: the parameters themselves, whose
     restart flag the step clears; ``params`` holds their local shards)."""
 
-    __slots__ = ("params", "grads", "momentum_buffers", "masks", "first", "stepped")
+    __slots__ = ("params", "grads", "momentum_buffers", "masks", "first", "stepped", "members",
+                 "ok")  # fmt: skip
 
     def __init__(self) -> None:
         self.params, self.grads, self.momentum_buffers = [], [], []
         self.masks, self.first, self.stepped = [], [], []
+        self.members: list[Tensor] = []  # every parameter of the call, stepped or not yet
+        self.ok = True  # False: the careful path steps the members
 
     def add(self, stepped: Tensor, p: Tensor, g: Tensor, buf, mask, first: bool) -> None:
         self.stepped.append(stepped)
