@@ -19,6 +19,7 @@ import lottery_ext as lx
 from benchmarks import shapes
 from benchmarks.harness import interleaved
 from lottery_ext import _native, _ops
+from lottery_ext.optim._masked import local_shard
 
 EAGER = "lottery_ext.ops (eager: checks + kernel table)"
 STEP = "optimizer .step()"
@@ -88,27 +89,37 @@ def _previous_step(kind: str, shape_list, g: torch.Generator):
     return opt.step
 
 
-def _previous_lists(opt, group, keys: tuple[str, ...], adam: bool) -> dict:
-    lists = {"params": [], "grads": [], "masks": []}
+def _previous_lists(opt, group, keys: tuple[str, ...], adam: bool) -> list[dict]:
+    """The previous design's gathering loop, as it was: per parameter, its checks
+    (``_kernel_inputs``), its (device, dtype) call and its local shard."""
+    calls: dict[tuple | None, dict] = {}
     extra = ("exp_avgs", "exp_avg_sqs", "steps") if adam else ("momentum_buffers", "first")
-    lists.update({k: [] for k in extra})
     for p in group["params"]:
+        g = p.grad
+        if g is None:
+            continue
         state = opt.state[p]
+        if not isinstance(state, dict):
+            raise TypeError("optimizer state is not a dict")
         if adam:
             opt._init_state(p, state, False, False)
             opt._normalize_step(p, state)  # (the previous design checked it here, per step)
-        gr, bufs, mask, _ = opt._kernel_inputs(p, p.grad, state, keys)
-        lists["params"].append(p)
-        lists["grads"].append(gr)
-        lists["masks"].append(mask)
+        g, bufs, mask, native = opt._kernel_inputs(p, g, state, keys)
+        key = (p.device, p.dtype) if native else None
+        c = calls.get(key)
+        if c is None:
+            c = calls[key] = {k: [] for k in ("params", "grads", "masks", *extra)}
+        c["params"].append(local_shard(p))
+        c["grads"].append(g)
+        c["masks"].append(mask)
         if adam:
-            lists["exp_avgs"].append(bufs[0])
-            lists["exp_avg_sqs"].append(bufs[1])
-            lists["steps"].append(state["step"])
+            c["exp_avgs"].append(bufs[0])
+            c["exp_avg_sqs"].append(bufs[1])
+            c["steps"].append(state["step"])
         else:
-            lists["momentum_buffers"].append(bufs[0])
-            lists["first"].append(False)
-    return lists
+            c["momentum_buffers"].append(bufs[0])
+            c["first"].append(p in opt._restart)
+    return list(calls.values())
 
 
 class _PreviousAdam(lx.MaskedAdam):
@@ -117,11 +128,11 @@ class _PreviousAdam(lx.MaskedAdam):
         for group in self.param_groups:
             (b1, b2), wd, eps = group["betas"], group["weight_decay"], group["eps"]
             lx._validate.finite(lr=group["lr"], beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
-            lists = _previous_lists(self, group, ("exp_avg", "exp_avg_sq"), True)
             hyper = dict(lr=group["lr"], beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
                          amsgrad=False, maximize=False, decoupled=False)  # fmt: skip
-            _ops.adam_step.launch(_native.core.cpu, {**lists, "max_exp_avg_sqs": [], **hyper},
-                                  _ops._where(torch.device("cpu")))  # fmt: skip
+            for lists in _previous_lists(self, group, ("exp_avg", "exp_avg_sq"), True):
+                _ops.adam_step.launch(_native.core.cpu, {**lists, "max_exp_avg_sqs": [], **hyper},
+                                      _ops._where(torch.device("cpu")))  # fmt: skip
 
 
 class _PreviousSGD(lx.MaskedSGD):
@@ -130,11 +141,11 @@ class _PreviousSGD(lx.MaskedSGD):
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
             lx._validate.finite(lr=lr, momentum=mom, dampening=0.0, weight_decay=0.0)
-            lists = _previous_lists(self, group, ("momentum_buffer",), False)
             hyper = dict(lr=lr, momentum=mom, dampening=0.0, weight_decay=0.0, nesterov=False,
                          maximize=False)  # fmt: skip
-            _ops.sgd_step.launch(_native.core.cpu, {**lists, **hyper},
-                                 _ops._where(torch.device("cpu")))  # fmt: skip
+            for lists in _previous_lists(self, group, ("momentum_buffer",), False):
+                _ops.sgd_step.launch(_native.core.cpu, {**lists, **hyper},
+                                     _ops._where(torch.device("cpu")))  # fmt: skip
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -515,11 +515,13 @@ def _group(kind: str, params, grads, states: dict, masks) -> None:
 
 def sgd_step(a: dict) -> None:
     params, grads, masks, first = a["params"], a["grads"], a["masks"], a["first"]
-    lists = dict(params=params, grads=grads, masks=masks, first=first)
-    states = {}
-    if a["momentum"] != 0:
-        lists["momentum_buffers"] = states["momentum_buffer"] = a["momentum_buffers"]
-    same_length(**lists)
+    states = {"momentum_buffer": a["momentum_buffers"]} if a["momentum"] != 0 else {}
+    n = len(params)
+    if len(grads) != n or len(masks) != n or len(first) != n or (
+        states and len(a["momentum_buffers"]) != n
+    ):  # fmt: skip
+        bufs = {"momentum_buffers": a["momentum_buffers"]} if states else {}
+        same_length(params=params, grads=grads, masks=masks, first=first, **bufs)
     if params and _plain(params, (grads, *states.values()), masks, True):
         return
     _group("sgd_step", params, grads, states, masks)
