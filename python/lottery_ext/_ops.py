@@ -48,7 +48,7 @@ def reference_backend() -> Iterator[None]:
         _force_reference = old
 
 
-def _no_cuda_kernels(*_args, **_kwargs):
+def _no_cuda_kernels(*_args, **_kwargs) -> None:
     raise RuntimeError(
         "lottery_ext was built without CUDA kernels but got CUDA tensors. Rebuild with a "
         "CUDA compiler on PATH: `LOTTERY_EXT_CUDA=ON pip install --no-build-isolation "
@@ -137,7 +137,7 @@ class Op:
         self.floats = [a.name for a in arguments if a.kwarg_only and str(a.type) == "float"]
         mutated = [a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write]
         # the kernels, by device type: what the dispatcher and eager calls both pick from
-        self.kernels: dict[str, Callable[[dict], None]] = {}
+        self.kernels: dict[str, Callable[[dict, torch.device], None] | None] = {}
         if _native.core is not None:
             self.kernels["cpu"] = self._native(_native.core.cpu)
             self.kernels["cuda"] = self._native(_native.core.cuda) if _native.cuda else None
@@ -231,14 +231,15 @@ class Op:
         self.check(a)
         self.run_checked(a)
 
-    def run_checked(self, a: dict) -> None:
-        """The kernel for the tensors' device, on a call ``check`` has passed (the optimizers
-        check their lists once, then run)."""
-        first = a[self.positional[0]]
-        device = first[0].device if first and isinstance(first[0], Tensor) else _CPU
-        self.kernel(device)(a)
+    def run_checked(self, a: dict, device: torch.device | None = None) -> None:
+        """The kernel for the tensors' `device` (default: the first tensor's), on a call
+        ``check`` has passed (the optimizers check their lists once, then run)."""
+        if device is None:
+            first = a[self.positional[0]]
+            device = first[0].device if first and isinstance(first[0], Tensor) else _CPU
+        self.kernel(device)(a, device)
 
-    def kernel(self, device: torch.device) -> Callable[[dict], None]:
+    def kernel(self, device: torch.device) -> Callable[[dict, torch.device], None]:
         if not _force_reference:
             try:
                 k = self.kernels[device.type]
@@ -252,17 +253,16 @@ class Op:
         """What torch.ops.lottery_ext.<name>_ runs (every device): the eager choice."""
         self.run(self.bind(args, kwargs, keyword_only=False))
 
-    def _native(self, backend) -> Callable[[dict], None]:
-        launch = self.launch
+    def _native(self, backend) -> Callable[[dict, torch.device], None]:
+        launch, first = self.launch, self.positional[0]
 
-        def kernel(a: dict) -> None:
-            first = a[self.positional[0]]
-            if first:
-                launch(backend, a, _where(first[0].device))
+        def kernel(a: dict, device: torch.device) -> None:
+            if a[first]:
+                launch(backend, a, _where(device))
 
         return kernel
 
-    def _reference(self, a: dict) -> None:
+    def _reference(self, a: dict, device: torch.device | None = None) -> None:
         with torch.no_grad():
             self.reference(a)
 

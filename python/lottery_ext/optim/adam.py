@@ -94,15 +94,15 @@ class _MaskedAdamBase(MaskedOptimizer):
                     c.max_exp_avg_sqs.append(bufs[2])
                 c.masks.append(self._masks.get(p))
                 c.steps.append(state["step"])
-            for c in calls.values():
+            for (device, _), c in calls.items():
                 a = c.call(hyper)
                 if c.ok:
                     try:
-                        _ops.adam_step.check(a, hyper=False)  # hyper: checked above
+                        _ops.adam_step.validate(a)  # the op's checks (hyper-parameters: above)
                     except (ValueError, TypeError):
                         c.ok = False
                 if c.ok:
-                    _ops.adam_step.run_checked(a)
+                    _ops.adam_step.run_checked(a, device)
                 else:
                     self._gathered_step(c.members, keys, hyper)
         return loss

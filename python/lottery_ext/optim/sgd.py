@@ -88,15 +88,15 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 c.momentum_buffers.append(buf)
                 c.masks.append(self._masks.get(p))
                 c.first.append(p in restart)
-            for c in calls.values():
+            for (device, _), c in calls.items():
                 a = c.call(hyper, momentum)
                 if c.ok:
                     try:
-                        _ops.sgd_step.check(a, hyper=False)  # hyper: checked above
+                        _ops.sgd_step.validate(a)  # the op's checks (hyper-parameters: above)
                     except (ValueError, TypeError):
                         c.ok = False
                 if c.ok:
-                    _ops.sgd_step.run_checked(a)
+                    _ops.sgd_step.run_checked(a, device)
                     restart.difference_update(c.members)
                 else:
                     self._gathered_step(c.members, hyper)
