@@ -291,6 +291,28 @@ class MaskedOptimizer:
 
     # -- per-step gathering ---------------------------------------------------------------------
 
+    def _run_calls(self, op, calls: dict, hyper: dict) -> list:
+        """Each (device, dtype) call of a step, its tensors as they are: the op's checks once
+        (the hyper-parameters were checked before any state was touched), then its kernel.
+        A call the op refuses (or whose gathering failed: ``c.ok`` False) goes to the careful
+        path, ``_gathered_step``, which checks and names each parameter, repairs layouts and
+        routes what the kernels cannot walk to the reference. Returns the calls run as they
+        were."""
+        done = []
+        for (device, _), c in calls.items():
+            a = c.call(hyper)
+            if c.ok:
+                try:
+                    op.validate(a)
+                except (ValueError, TypeError):
+                    c.ok = False
+            if c.ok:
+                op.run_checked(a, device)
+                done.append(c)
+            else:
+                self._gathered_step(c.members, hyper)
+        return done
+
     def _kernel_inputs(
         self, p: Tensor, g: Tensor, state: dict, keys: tuple[str, ...]
     ) -> tuple[Tensor, list[Tensor], Tensor | None, bool]:

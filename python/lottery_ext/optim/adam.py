@@ -94,23 +94,14 @@ class _MaskedAdamBase(MaskedOptimizer):
                     c.max_exp_avg_sqs.append(bufs[2])
                 c.masks.append(self._masks.get(p))
                 c.steps.append(state["step"])
-            for (device, _), c in calls.items():
-                a = c.call(hyper)
-                if c.ok:
-                    try:
-                        _ops.adam_step.validate(a)  # the op's checks (hyper-parameters: above)
-                    except (ValueError, TypeError):
-                        c.ok = False
-                if c.ok:
-                    _ops.adam_step.run_checked(a, device)
-                else:
-                    self._gathered_step(c.members, keys, hyper)
+            self._run_calls(_ops.adam_step, calls, hyper)
         return loss
 
-    def _gathered_step(self, params: list[Tensor], keys: tuple[str, ...], hyper: dict) -> None:
+    def _gathered_step(self, params: list[Tensor], hyper: dict) -> None:
         """The step of `params` whose tensors the op refused as they were: each parameter's
         inputs checked and brought into its memory layout (``_kernel_inputs``, which names it
         in errors), sliced views on the reference path, DTensors on their local shards."""
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hyper["amsgrad"] else _PAIR
         calls: dict[tuple | None, _AdamLists] = {}  # key None: the reference path
         for p in params:
             state = self.state[p]

@@ -88,18 +88,8 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 c.momentum_buffers.append(buf)
                 c.masks.append(self._masks.get(p))
                 c.first.append(p in restart)
-            for (device, _), c in calls.items():
-                a = c.call(hyper, momentum)
-                if c.ok:
-                    try:
-                        _ops.sgd_step.validate(a)  # the op's checks (hyper-parameters: above)
-                    except (ValueError, TypeError):
-                        c.ok = False
-                if c.ok:
-                    _ops.sgd_step.run_checked(a, device)
-                    restart.difference_update(c.members)
-                else:
-                    self._gathered_step(c.members, hyper)
+            for c in self._run_calls(_ops.sgd_step, calls, hyper):
+                restart.difference_update(c.members)  # (the careful path clears its own)
         return loss
 
     def _gathered_step(self, params: list[Tensor], hyper: dict) -> None:
@@ -134,9 +124,9 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             bufs[i] = local_shard(buf)
         for key, c in calls.items():
             if key is None:
-                _reference.sgd_step_(**c.call(hyper, momentum))
+                _reference.sgd_step_(**c.call(hyper))
             else:
-                _ops.sgd_step.run(c.call(hyper, momentum))
+                _ops.sgd_step.run(c.call(hyper))
             self._restart.difference_update(c.stepped)
 
 
@@ -164,8 +154,8 @@ class _SGDLists:
         self.masks.append(mask)
         self.first.append(first)
 
-    def call(self, hyper: dict, momentum: float) -> dict:
+    def call(self, hyper: dict) -> dict:
         """The op's arguments by name (``lottery_ext.ops.sgd_step``)."""
-        bufs = self.momentum_buffers if momentum != 0 else []
+        bufs = self.momentum_buffers if hyper["momentum"] != 0 else []
         return dict(params=self.params, grads=self.grads, momentum_buffers=bufs,
                     masks=self.masks, first=self.first, **hyper)  # fmt: skip
