@@ -199,10 +199,6 @@ class Op:
             a.setdefault(k, v)
         return a
 
-    def hyper(self, a: dict) -> dict:
-        """The keyword-only arguments (the hyper-parameters) of a bound call."""
-        return {k: a[k] for k in self.keywords}
-
     def core_args(self, a: dict, cls):
         """The hyper-parameters of a bound call as the core's named object (``cls``:
         ``_core.SgdArgs`` / ``_core.AdamArgs``); the last one is reused while they do not
@@ -218,11 +214,11 @@ class Op:
         they touch its state)."""
         _validate.finite(**{k: hyper[k] for k in self.floats})
 
-    def check(self, a: dict, hyper: bool = True) -> None:
-        """Every check of a bound call (``ValueError``/``TypeError``, nothing written);
-        ``hyper=False``: the caller ran ``check_hyper`` on these hyper-parameters already
-        (the optimizers, once per group and step, before they touch its state)."""
-        if hyper and self.floats:
+    def check(self, a: dict) -> None:
+        """Every check of a bound call (``ValueError``/``TypeError``, nothing written): the
+        hyper-parameters, then the tensors (``validate``: ``_validate.<op>``, which the
+        optimizers call on their own after ``check_hyper`` on a group's)."""
+        if self.floats:
             self.check_hyper(a)
         self.validate(a)
 
@@ -240,6 +236,7 @@ class Op:
         self.kernel(device)(a, device)
 
     def kernel(self, device: torch.device) -> Callable[[dict, torch.device], None]:
+        """The kernel for `device`: the compiled launcher of its type, else the reference."""
         if not _force_reference:
             try:
                 k = self.kernels[device.type]
