@@ -709,6 +709,9 @@ def test_k_and_count_out_of_range():
     for c in (21, -1):
         with pytest.raises(ValueError):
             prune_smallest(t, c)
+    # per layer too: a negative count is refused, never read as "prune nothing"
+    with pytest.raises(ValueError, match=r"tensors\[1\]: count -1 is out of range"):
+        lottery_ext.prune_smallest_each([t, torch.randn(3)], [2, -1])
     with pytest.raises(ValueError):
         prune_smallest([t, t], nm + 21, [m, None])
     assert sum(int(x.sum()) for x in prune_smallest([t, t], nm + 20, [m, None])) == 0

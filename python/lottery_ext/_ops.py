@@ -58,14 +58,13 @@ def _no_cuda_kernels(*_args, **_kwargs) -> None:
 
 
 def uses_native(device: torch.device) -> bool:
-    """Whether ops on `device` run on compiled kernels (else on ``_reference``). CUDA tensors
-    with a build without CUDA kernels raise (rather than silently running the slow
-    reference), saying how to rebuild."""
-    if _native.core is None or _force_reference or device.type not in ("cpu", "cuda"):
-        return False
-    if device.type == "cuda" and not _native.cuda:
+    """Whether ops on `device` run on compiled kernels (else on ``_reference``): what the
+    kernel table says. CUDA tensors with a build without CUDA kernels raise (rather than
+    silently running the slow reference), saying how to rebuild."""
+    kernel = apply_mask.kernel(device)
+    if kernel is _no_cuda_kernels:
         _no_cuda_kernels()
-    return True
+    return kernel != apply_mask._reference
 
 
 def _where(device: torch.device) -> tuple[int, int, int]:

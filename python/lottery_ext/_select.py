@@ -37,6 +37,19 @@ def labels(names: Sequence[str] | None, n: int) -> list[str]:
     return names
 
 
+def outputs(
+    tensors: list[Tensor], masks: list[Tensor | None], counts: list[int]
+) -> tuple[list[Tensor], list[int]]:
+    """The new masks of tensors losing ``counts[i]`` weights each, and the indices with
+    anything to prune: a tensor losing none keeps its mask (all True without one). A negative
+    count is left to the selection, which refuses it as out of range."""
+    out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
+    todo = [i for i, c in enumerate(counts) if c != 0]
+    for i in set(range(len(tensors))) - set(todo):
+        out[i].copy_(True if masks[i] is None else masks[i])
+    return out, todo
+
+
 def check_k(k: object, name: str = "k") -> int:
     """`k` as an int (a bool or a non-int raises ``TypeError``)."""
     if isinstance(k, bool) or not isinstance(k, int):

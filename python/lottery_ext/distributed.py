@@ -509,10 +509,8 @@ def sharded_prune_smallest(
     locs, lmasks, group, me, templates, labels, positions = _prelude(
         tensors, masks, group, names, "sharded_prune_smallest", count=count
     )
-    out = [torch.empty_like(t, dtype=torch.bool) for t in locs]
-    if count == 0:
-        for o, m in zip(out, lmasks):
-            o.copy_(True if m is None else m)
+    out, todo = _select.outputs(locs, lmasks, [count] * len(locs))
+    if not todo:  # count 0: every mask as it was
         return _wrap(out, templates)
     key, below = _select.select_key(locs, lmasks, count, labels, reduce=_reducer(group))
     ties = _global_ties(group, positions, _local_ties(locs, lmasks, [key] * len(locs)))
@@ -542,10 +540,7 @@ def sharded_prune_smallest_each(
     )
     if len(counts) != len(locs):
         raise ValueError(f"{len(counts)} counts for {len(locs)} tensors")
-    out = [torch.empty_like(t, dtype=torch.bool) for t in locs]
-    todo = [i for i, c in enumerate(counts) if c > 0]
-    for i in set(range(len(locs))) - set(todo):
-        out[i].copy_(True if lmasks[i] is None else lmasks[i])
+    out, todo = _select.outputs(locs, lmasks, counts)
     if todo:
         keys = _select.select_keys([locs[i] for i in todo], [lmasks[i] for i in todo],
                                      [counts[i] for i in todo], [labels[i] for i in todo],

@@ -291,6 +291,17 @@ class MaskedOptimizer:
 
     # -- per-step gathering ---------------------------------------------------------------------
 
+    @staticmethod
+    def _call_of(calls: dict, p: Tensor, lists: type):
+        """The call of `p`'s (device, dtype) in a step's `calls` (a new `lists` for the first
+        parameter of its kind), with `p` counted among its members."""
+        key = (p.device, p.dtype)
+        c = calls.get(key)
+        if c is None:
+            c = calls[key] = lists()
+        c.members.append(p)
+        return c
+
     def _run_calls(self, op, calls: dict, hyper: dict) -> list:
         """Each (device, dtype) call of a step, its tensors as they are: the op's checks once
         (the hyper-parameters were checked before any state was touched), then its kernel.

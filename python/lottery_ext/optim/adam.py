@@ -76,11 +76,7 @@ class _MaskedAdamBase(MaskedOptimizer):
                 if not isinstance(state, dict):
                     raise TypeError(f"optimizer state of {self._name(p)} is not a dict")
                 self._init_state(p, state, amsgrad, fused)
-                key = (p.device, p.dtype)
-                c = calls.get(key)
-                if c is None:
-                    c = calls[key] = _AdamLists()
-                c.members.append(p)
+                c = self._call_of(calls, p, _AdamLists)
                 try:
                     bufs = [state[k] for k in keys]
                 except KeyError:  # hand-made state: the careful path names what is missing

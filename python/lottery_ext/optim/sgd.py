@@ -72,11 +72,7 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 if fused and getattr(self, "_need_device_dtype_check_for_fused", 1):
                     fused_device_check(p)  # as torch: once, on the first parameter stepped
                     self._need_device_dtype_check_for_fused = False
-                key = (p.device, p.dtype)
-                c = calls.get(key)
-                if c is None:
-                    c = calls[key] = _SGDLists()
-                c.members.append(p)
+                c = self._call_of(calls, p, _SGDLists)
                 try:
                     buf = state.get(p, _NO_STATE)["momentum_buffer"] if momentum else None
                 except (KeyError, TypeError, IndexError):  # no buffer yet, or hand-made state

@@ -26,7 +26,7 @@ from .._select import as_list as _as_list
 from .._select import as_masks as _as_masks
 from .._select import check_k as _check_k
 from .._select import labels as _names
-from .._select import select_key, select_keys
+from .._select import outputs, select_key, select_keys
 from ..distributed import (
     sharded_kth_smallest_magnitude,
     sharded_prune_smallest,
@@ -65,17 +65,13 @@ def prune_smallest_each(
     counts = [_check_k(c, f"counts[{i}]") for i, c in enumerate(counts)]
     if len(counts) != len(tensors):
         raise ValueError(f"{len(counts)} counts for {len(tensors)} tensors")
-    out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
-    todo = [i for i, c in enumerate(counts) if c > 0]
-    for i in set(range(len(tensors))) - set(todo):
-        out[i].copy_(True if masks[i] is None else masks[i])
+    out, todo = outputs(tensors, masks, counts)
     if todo:
         keys = select_keys([tensors[i] for i in todo], [masks[i] for i in todo],
                            [counts[i] for i in todo], [labels[i] for i in todo])  # fmt: skip
         with torch.no_grad():
             for i, (key, below) in zip(todo, keys):
-                _ops.threshold_mask([tensors[i]], [masks[i]], [out[i]], key,
-                                            counts[i] - below)  # fmt: skip
+                _ops.threshold_mask([tensors[i]], [masks[i]], [out[i]], key, counts[i] - below)
     return out
 
 
@@ -119,10 +115,8 @@ def prune_smallest(
     labels = _names(names, len(tensors))
     _validate.candidates(tensors, masks, "prune_smallest", labels)
     count = _check_k(count, "count")
-    out = [torch.empty_like(t, dtype=torch.bool) for t in tensors]
-    if count == 0:
-        for o, m in zip(out, masks):
-            o.copy_(True if m is None else m)
+    out, todo = outputs(tensors, masks, [count] * len(tensors))
+    if not todo:  # count 0: every mask as it was
         return out
     key, below = select_key(tensors, masks, count, labels)  # checks 1 <= count <= candidates
     with torch.no_grad():
