@@ -78,8 +78,7 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 except (KeyError, TypeError, IndexError):  # no buffer yet, or hand-made state
                     c.ok = False
                     continue
-                c.stepped.append(p)  # (appends inline: this loop runs per parameter and step)
-                c.params.append(p)
+                c.params.append(p)  # (appends inline: this loop runs per parameter and step)
                 c.grads.append(p.grad)
                 c.momentum_buffers.append(buf)
                 c.masks.append(self._masks.get(p))
@@ -123,27 +122,26 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
                 _reference.sgd_step_(**c.call(hyper))
             else:
                 _ops.sgd_step.run(c.call(hyper))
-            self._restart.difference_update(c.stepped)
+            self._restart.difference_update(c.members)
 
 
 _NO_STATE: dict = {}
 
 
 class _SGDLists:
-    """The tensor lists of one fused SGD call (``stepped``: the parameters themselves, whose
+    """The tensor lists of one fused SGD call (``members``: the parameters themselves, whose
     restart flag the step clears; ``params`` holds their local shards)."""
 
-    __slots__ = ("params", "grads", "momentum_buffers", "masks", "first", "stepped", "members",
-                 "ok")  # fmt: skip
+    __slots__ = ("params", "grads", "momentum_buffers", "masks", "first", "members", "ok")
 
     def __init__(self) -> None:
         self.params, self.grads, self.momentum_buffers = [], [], []
-        self.masks, self.first, self.stepped = [], [], []
-        self.members: list[Tensor] = []  # every parameter of the call, stepped or not yet
+        self.masks, self.first = [], []
+        self.members: list[Tensor] = []  # every parameter of the call
         self.ok = True  # False: the careful path steps the members
 
-    def add(self, stepped: Tensor, p: Tensor, g: Tensor, buf, mask, first: bool) -> None:
-        self.stepped.append(stepped)
+    def add(self, member: Tensor, p: Tensor, g: Tensor, buf, mask, first: bool) -> None:
+        self.members.append(member)
         self.params.append(p)
         self.grads.append(g)
         self.momentum_buffers.append(buf)
